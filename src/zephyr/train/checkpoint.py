@@ -1,0 +1,114 @@
+"""Atomic checkpoints: a checkpoint folder exists under its final name only once every byte of it is on disk.
+
+Layout: `OUTPUT_DIR/checkpoint-{step}/` holds accelerate's state (model, optimizer, scheduler, RNG) and
+`trainer_state.json` (step, epoch, position in the epoch, log history). It is written as `.checkpoint-{step}.tmp`,
+fsynced, then renamed; a crash mid-write leaves only the temporary folder, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zephyr.errors import ZephyrError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    epoch: int = 0  # epochs completed
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    total_tokens: int = 0
+    max_steps: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainerState:
+        return cls(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_total_limit: int | None) -> Path:
+    """Write checkpoint-{state.global_step} atomically (all ranks call this; rank 0 renames) and rotate old ones."""
+    final = output_dir / f"checkpoint-{state.global_step}"
+    tmp = output_dir / f".checkpoint-{state.global_step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(state.to_json())
+            _fsync_tree(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier, resumed run
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        kept = f"the last complete checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+        raise ZephyrError(f"could not write checkpoint {final} ({err.strerror or err}); {kept}") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and save_total_limit:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _CHECKPOINT.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete temporary folders left by a run killed while writing a checkpoint."""
+    if output_dir.is_dir():
+        for p in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(output_dir: Path, resume_from_checkpoint: str | bool | None) -> Path | None:
+    """`true` -> the latest complete checkpoint in OUTPUT_DIR (None when there is none yet); a path -> that one."""
+    if resume_from_checkpoint in (None, False, "false", ""):
+        return None
+    if resume_from_checkpoint in (True, "true"):
+        return latest_checkpoint(output_dir)
+    path = Path(str(resume_from_checkpoint))
+    if not (path / STATE_FILE).is_file():
+        raise ZephyrError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)")
+    return path

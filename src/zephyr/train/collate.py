@@ -1,0 +1,108 @@
+"""Batching tokenized rows into tensors for SFT and DPO.
+
+The preference collator reproduces TRL's `DataCollatorForPreference` layout, so the same rows give the same tensors
+and therefore the same numbers: chosen rows first, then rejected rows, right padding, and a `completion_mask` that
+marks the tokens whose log-probs count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zephyr.data.tokenize import preference_sequence
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
+    """[len(rows), max_len] int64 tensor, each row left-aligned and padded with `value`."""
+    width = max((len(r) for r in rows), default=0)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+@dataclass
+class PreferenceCollator:
+    """Rows `{prompt_input_ids, chosen_input_ids, rejected_input_ids[, ref_chosen_logps, ref_rejected_logps]}` (as
+    `zephyr.data.tokenize.tokenize_preferences` writes them) -> one batch.
+
+    Returns `input_ids`, `attention_mask`, `completion_mask`: [2 * batch, seq] with the chosen sequences in the first
+    half and the rejected ones in the second (so chosen and rejected go through one forward pass), plus
+    `ref_chosen_logps` / `ref_rejected_logps`: [batch] when the rows carry precomputed reference log-probs.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, masks = [], []
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            for r in rows:
+                ids, mask = preference_sequence(
+                    r["prompt_input_ids"], r[side], max_length=self.max_length, truncation_mode=self.truncation_mode
+                )
+                sequences.append(ids)
+                masks.append(mask)
+        batch = {
+            "input_ids": pad_right(sequences, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": pad_right([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
+            "completion_mask": pad_right(masks, 0, self.pad_to_multiple_of),
+        }
+        if "ref_chosen_logps" in rows[0]:
+            batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+
+@dataclass
+class SFTCollator:
+    """Rows `{input_ids, labels}` -> `input_ids`, `attention_mask`, `labels`: [batch, seq], labels padded with -100."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad_right(ids, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": pad_right([[1] * len(i) for i in ids], 0, self.pad_to_multiple_of),
+            "labels": pad_right([r["labels"] for r in rows], -100, self.pad_to_multiple_of),
+        }
+
+
+@dataclass
+class PackedSFTCollator:
+    """Rows `{input_ids, labels}` packed greedily into one row of at most `max_length` tokens (padding-free).
+
+    Returns `input_ids`, `labels`, `position_ids`: [1, total_tokens]. Position ids restart at 0 for every example;
+    the loop turns them into a block-diagonal attention mask so attention never crosses example boundaries (flash
+    attention's varlen path reads the same position ids on GPU). A batch holds whole examples only: examples are
+    never split across rows.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for r in rows:
+            ids += list(r["input_ids"])
+            # The first label of each example must not be predicted from the previous example's last token.
+            example_labels = list(r["labels"])
+            labels += [-100] + example_labels[1:] if example_labels else []
+            positions += list(range(len(r["input_ids"])))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }

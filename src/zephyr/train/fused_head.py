@@ -1,0 +1,55 @@
+"""Give a causal LM a forward mode that returns completion log-probs instead of logits.
+
+`model(input_ids=..., attention_mask=..., completion_labels=labels)` runs the decoder, then the chunked LM head of
+`zephyr.train.logprobs.completion_logps` on the completion positions only, and returns its `SequenceLogps`; without
+`completion_labels` the forward is the original one, so generation is unchanged.
+
+The mode is a patch of the instance's `forward` rather than a wrapper module because DDP, FSDP and PEFT all call
+`model.forward` through their own wrappers: patching keeps gradient synchronisation, sharding hooks and LoRA layers
+in the path, and keeps parameter names (and so checkpoints) those of the plain model. Patch before wrapping in PEFT.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zephyr.errors import ZephyrError
+from zephyr.train.logprobs import SequenceLogps, completion_logps
+
+_MARK = "_zephyr_completion_head"
+
+
+def attach_completion_head(model: torch.nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0) -> None:
+    if getattr(model, _MARK, False):
+        return
+    original_forward = model.forward
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if config is not None and getattr(config, attr, None) not in (None, 1.0):
+            raise ZephyrError(
+                f"this model sets {attr}, which the chunked LM head does not apply yet; "
+                "train a model without it (Llama, Mistral, Qwen and SmolLM have none)"
+            )
+
+    def forward(*args, completion_labels: torch.Tensor | None = None, with_metrics: bool = True, **kwargs):
+        if completion_labels is None:
+            return original_forward(*args, **kwargs)
+        kwargs.pop("labels", None)
+        kwargs.setdefault("use_cache", False)
+        hidden = model.get_decoder()(*args, **kwargs).last_hidden_state
+        head = model.get_output_embeddings()
+        return completion_logps(
+            hidden,
+            head.weight,
+            completion_labels,
+            lm_head_bias=getattr(head, "bias", None),
+            chunk_size=chunk_size,
+            temperature=temperature,
+            with_metrics=with_metrics,
+        )
+
+    model.forward = forward
+    setattr(model, _MARK, True)
+
+
+__all__ = ["SequenceLogps", "attach_completion_head"]

@@ -1,0 +1,349 @@
+"""The training loop shared by `zephyr sft` and `zephyr dpo`, on accelerate.
+
+Phases, in the order a step runs them: batch -> objective (forward, loss, metrics) -> backward and accumulation ->
+clip, optimizer and scheduler step -> log -> periodic eval -> checkpoint. The objective is the only stage-specific
+part: `objective(model, batch) -> (loss, metrics)`, where `metrics` are per-batch values already reduced across
+processes, averaged over the micro-batches of a logging window exactly as TRL's trainers average `_metrics`.
+
+Step, learning-rate and epoch bookkeeping follow transformers' Trainer, so that logs line up with TRL's:
+- update steps per epoch = ceil(batches / gradient_accumulation_steps); total = max_steps or epochs x that;
+- warmup = warmup_steps, else ceil(warmup_ratio x total);
+- the logged `learning_rate` is the rate the step used; `grad_norm` is the norm before clipping;
+- `loss` is the mean of the micro-batch losses since the last log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from zephyr.train.checkpoint import (
+    TrainerState,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainResult:
+    state: TrainerState
+    output_dir: Path
+    stopped_early: bool  # True when a signal asked the run to stop; a checkpoint holds where it was
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT (a scheduler about to preempt the job) -> checkpoint at the next step boundary, then exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Biases and normalisation weights get no weight decay, as in transformers' Trainer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_norm = "norm" in name.lower() or p.ndim < 2
+        (no_decay if is_norm or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = decay_parameter_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    optim = (cfg.optim or "adamw_torch").lower()
+    if optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            from zephyr.errors import ConfigError
+
+            raise ConfigError(f"optim: {optim} needs bitsandbytes (pip install bitsandbytes) and a GPU") from err
+        cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}.get(
+            optim, bnb.optim.AdamW8bit
+        )
+        return cls(groups, **kwargs)
+    first = next((p for g in groups for p in g["params"]), None)
+    # The fused kernel exists for CUDA parameters; on CPU the foreach implementation is the fast one.
+    fused = first is not None and first.is_cuda and optim in ("adamw_torch", "adamw_torch_fused")
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def total_update_steps(cfg, batches_per_epoch: int) -> tuple[int, int]:
+    """(update steps per epoch, total update steps), as transformers' Trainer counts them."""
+    per_epoch = max(math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps), 1)
+    if cfg.max_steps and cfg.max_steps > 0:
+        return per_epoch, cfg.max_steps
+    return per_epoch, math.ceil(cfg.num_train_epochs * per_epoch)
+
+
+def every(value: int | float | None, total: int) -> int | None:
+    """An interval in steps from a recipe's `*_steps` key: below 1 it is a fraction of the run, as in Trainer."""
+    if not value:
+        return None
+    return max(math.ceil(value * total), 1) if value < 1 else int(value)
+
+
+def epoch_order(n: int, epoch: int, seed: int, strategy: str) -> list[int]:
+    """The row order of one epoch: a seeded permutation (seed + epoch), so a resumed run sees the same order."""
+    if strategy == "sequential":
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class MetricsLog:
+    """One JSON line per log event in OUTPUT_DIR/metrics.jsonl (main process), plus accelerate trackers."""
+
+    def __init__(self, accelerator, output_dir: Path, report_to: list[str]):
+        self.accelerator = accelerator
+        self.path = output_dir / "metrics.jsonl"
+        self.trackers = bool(report_to)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            step = record.get("step")
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+
+def _mean_metrics(window: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in window.items() if v}
+
+
+def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -> dict[str, float]:
+    """Eval metrics with TRL's reductions: `eval_loss` weighted by batch size (Trainer's evaluation loop), the
+    objective's metrics averaged over batches (TRL's `_metrics`)."""
+    was_training = model.training
+    model.eval()
+    window: dict[str, list[float]] = defaultdict(list)
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dataloader:
+            loss, metrics = objective(model, batch)
+            n = batch["input_ids"].shape[0]
+            n = n // 2 if "completion_mask" in batch else n  # preference batches hold chosen and rejected rows
+            losses = accelerator.gather_for_metrics(loss.detach().float().reshape(1).repeat(n))
+            loss_sum += losses.sum().item()
+            count += losses.numel()
+            for k, v in metrics.items():
+                window[k].append(v)
+    model.train(was_training)
+    out = {"eval_loss": loss_sum / max(count, 1)}
+    out.update({f"eval_{k}": v for k, v in _mean_metrics(window).items()})
+    return out
+
+
+def train(
+    cfg,
+    *,
+    accelerator,
+    model: torch.nn.Module,
+    objective: Objective,
+    train_dataset,
+    collate: Callable,
+    eval_dataset=None,
+    eval_collate: Callable | None = None,
+    on_save: Callable[[Path], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` with `objective` on `train_dataset`; checkpoints and logs under cfg.output_dir.
+
+    The model is prepared here (DDP / FSDP / DeepSpeed as the accelerate config says). Resumes from
+    `cfg.resume_from_checkpoint` (true = the latest complete checkpoint in output_dir).
+    """
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+
+    # ---- setup: data order, step counts, optimizer, scheduler
+    from transformers import get_scheduler
+
+    n_rows = len(train_dataset)
+    world = accelerator.num_processes
+    batches_per_epoch = math.ceil(n_rows / (cfg.per_device_train_batch_size * world))
+    steps_per_epoch, max_steps = total_update_steps(cfg, batches_per_epoch)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=cfg.num_warmup_steps(max_steps),
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if getattr(cfg, "gradient_checkpointing", False):
+        accelerator.unwrap_model(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        )
+
+    def dataloader_for(epoch: int) -> DataLoader:
+        order = epoch_order(n_rows, epoch, cfg.data_seed if cfg.data_seed is not None else cfg.seed,
+                            cfg.train_sampling_strategy)
+        dl = DataLoader(
+            torch.utils.data.Subset(train_dataset, order),
+            batch_size=cfg.per_device_train_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=cfg.dataloader_num_workers or 0,
+            drop_last=bool(cfg.dataloader_drop_last),
+        )
+        return accelerator.prepare_data_loader(dl, device_placement=True)
+
+    eval_loader = None
+    if eval_dataset is not None and len(eval_dataset):
+        eval_loader = accelerator.prepare_data_loader(
+            DataLoader(eval_dataset, batch_size=cfg.per_device_eval_batch_size, shuffle=False,
+                       collate_fn=eval_collate or collate)
+        )
+
+    # ---- resume
+    state = TrainerState(max_steps=max_steps)
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = TrainerState.load(resume)
+        state.max_steps = max_steps
+        accelerator.print(f"resumed from {resume} at step {state.global_step}")
+
+    log = MetricsLog(accelerator, output_dir, cfg.report_to or [])
+    eval_every = None
+    if cfg.eval_strategy == "steps" and eval_loader is not None:
+        eval_every = every(cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps, max_steps)
+    save_every = every(cfg.save_steps, max_steps) if cfg.save_strategy == "steps" else None
+    logging_steps = every(cfg.logging_steps, max_steps) or 1
+
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, initial=state.global_step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+
+    window: dict[str, list[float]] = defaultdict(list)
+    window_losses: list[float] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    stopped_early = False
+
+    def checkpoint():
+        path = save_checkpoint(accelerator, state, output_dir, cfg.save_total_limit)
+        if on_save is not None:
+            on_save(path)
+
+    # ---- the loop
+    model.train()
+    with _StopRequest() as stop:
+        while state.global_step < max_steps:
+            dl = dataloader_for(state.epoch)
+            batches = accelerator.skip_first_batches(dl, state.batches_in_epoch) if state.batches_in_epoch else dl
+            micro = 0
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss, metrics = objective(model, batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        step_lr = scheduler.get_last_lr()[0]  # the rate this step used, as Trainer logs it
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                micro += 1
+                tokens = int(accelerator.gather(batch["attention_mask"].sum() if "attention_mask" in batch
+                                                else torch.tensor(batch["input_ids"].numel(),
+                                                                  device=accelerator.device)).sum())
+                state.total_tokens += tokens
+                window_tokens += tokens
+                window_losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())
+                for k, v in metrics.items():
+                    window[k].append(v)
+                if not accelerator.sync_gradients:
+                    continue
+
+                # ---- one optimizer step done
+                state.global_step += 1
+                step = state.global_step
+                if step % logging_steps == 0 or step == max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "epoch": round(state.epoch + state.batches_in_epoch / max(len(dl), 1), 4),
+                        "loss": sum(window_losses) / len(window_losses),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "learning_rate": step_lr,
+                        **_mean_metrics(window),
+                        "num_tokens": state.total_tokens,
+                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                    }
+                    state.log_history.append(record)
+                    log.write(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                        tok_s=f"{record['tokens_per_second']:.0f}")
+                    window.clear()
+                    window_losses.clear()
+                    window_tokens, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                if eval_every and step % eval_every == 0:
+                    record = {"step": step, **evaluate(accelerator, model, objective, eval_loader)}
+                    state.log_history.append(record)
+                    log.write(record)
+                if stop.requested:
+                    checkpoint()
+                    stopped_early = True
+                    break
+                if save_every and step % save_every == 0 and step < max_steps:
+                    checkpoint()
+                if step >= max_steps:
+                    break
+            if stopped_early or state.global_step >= max_steps:
+                break
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if bar is not None:
+        bar.close()
+    if not stopped_early and eval_loader is not None and cfg.eval_strategy != "no":
+        last = state.log_history[-1] if state.log_history else {}
+        if "eval_loss" not in last or last.get("step") != state.global_step:
+            record = {"step": state.global_step, **evaluate(accelerator, model, objective, eval_loader)}
+            state.log_history.append(record)
+            log.write(record)
+    return TrainResult(state=state, output_dir=output_dir, stopped_early=stopped_early)
