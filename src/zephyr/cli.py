@@ -56,7 +56,12 @@ def cmd_data_binarize(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from zephyr.data.ultrafeedback import binarize_file
 
     report = binarize_file(
-        args.input, args.output, seed=args.seed, score=args.score, split=args.split, skip_invalid=args.skip_invalid
+        args.input,
+        args.output,
+        seed=args.seed,
+        score=args.score,
+        split=args.split,
+        skip_invalid=args.skip_invalid,
     )
     print(report.summary())
     return 0
@@ -94,6 +99,22 @@ def cmd_data_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = load_config(args.stage, args.config, extra)
     result = prepare(cfg, stage=args.stage)
     print(result.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.config import load_config
+
+    cfg = load_config(args.command, args.config, extra)
+    if args.command == "sft":
+        from zephyr.train.sft import run_sft as run
+    else:
+        from zephyr.train.dpo import run_dpo as run
+    result = run(cfg)
+    if result.stopped_early:
+        print(f"stopped at step {result.state.global_step}; resume with --resume_from_checkpoint true")
+        return 143
+    print(f"done: {result.state.global_step} steps; model in {cfg.output_dir}")
     return 0
 
 
@@ -140,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data/demo", help="where the demo data goes (default: data/demo)")
     p.add_argument("--quick", action="store_true", help="the smallest run that exercises every stage")
 
+    p = command(
+        commands,
+        "sft",
+        cmd_train,
+        "supervised fine-tuning on chat data (stage 1 of the Zephyr recipe)",
+        "Supervised fine-tuning: cross-entropy on assistant tokens of the recipe's dialogues. Runs on one CPU as "
+        "it is, and on many GPUs or nodes under `accelerate launch --config_file recipes/accelerate/zero3.yaml "
+        "-m zephyr sft --config R`.",
+    )
+    _add_recipe_arguments(p, "sft")
+    p = command(
+        commands,
+        "dpo",
+        cmd_train,
+        "direct preference optimisation on preference pairs (stage 2 of the Zephyr recipe)",
+        "Direct Preference Optimization of the recipe's model on chosen/rejected pairs, with TRL's loss types and "
+        "metric names. Runs on one CPU as it is, and on many GPUs or nodes under `accelerate launch "
+        "--config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config R`.",
+    )
+    _add_recipe_arguments(p, "dpo")
+
     # zephyr model ...
     model = commands.add_parser("model", help="the embedded default model", description="Manage models.")
     model_cmds = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
@@ -156,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild the cached folder even if it is complete")
 
     # zephyr data ...
-    data = commands.add_parser("data", help="generate, convert, inspect and prepare data", description="Data tools.")
+    data = commands.add_parser(
+        "data", help="generate, convert, inspect and prepare data", description="Data tools."
+    )
     data_cmds = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     p = command(
@@ -182,10 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="local .json/.jsonl/.parquet file or folder, or a hub dataset id")
     p.add_argument("--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--score", choices=["overall", "mean"], default="overall", help="rank by overall_score "
-                   "(published rule) or by the mean of the four aspect ratings")
+    p.add_argument(
+        "--score",
+        choices=["overall", "mean"],
+        default="overall",
+        help="rank by overall_score (published rule) or by the mean of the four aspect ratings",
+    )
     p.add_argument("--split", help="split to read (default: train)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file"
+    )
 
     p = command(
         data_cmds,
@@ -198,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="local .json/.jsonl/.parquet file or folder, or a hub dataset id")
     p.add_argument("--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--split", help="split to read (default: train)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip malformed rows, listing them in a rejects file"
+    )
 
     p = command(
         data_cmds,
@@ -208,10 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="PATH_OR_ID")
     p.add_argument("--recipe", help="take model, chat template and length limits from this recipe")
-    p.add_argument("--model", help=f"tokenizer to measure with (default: the recipe's, else {EMBEDDED_MODEL})")
+    p.add_argument(
+        "--model", help=f"tokenizer to measure with (default: the recipe's, else {EMBEDDED_MODEL})"
+    )
     p.add_argument("--schema", default=None, help="override the detected schema")
     p.add_argument("--split", default=None, help="only this split")
-    p.add_argument("--max-length", type=int, default=None, help="count rows longer than this (default: recipe's)")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="count rows longer than this (default: recipe's)"
+    )
     p.add_argument("--chat-template", default=None, help="auto (default), zephyr, a Jinja string or a file")
 
     p = command(
@@ -229,15 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; the libraries' per-map and per-shard bars only add noise."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "fn", None) is None:
         parser.print_help()
         return 0 if not extra else 2
-    takes_overrides = args.fn in (cmd_data_prepare,)
+    takes_overrides = args.fn in (cmd_data_prepare, cmd_train)
     if extra and not takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _quiet_libraries()
     try:
         return args.fn(args, extra)
     except ZephyrError as err:
@@ -251,5 +322,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raise SystemExit(main())

@@ -52,7 +52,11 @@ def _settings(recipe: str | None, kind: str, **cli) -> Settings:
 
 
 def _length_table(columns: dict[str, list[int]]) -> list[str]:
-    head = "  tokens        " + "".join(f"{'p' + str(q) if q < 100 else 'max':>8s}" for q in PERCENTILES) + "    mean"
+    head = (
+        "  tokens        "
+        + "".join(f"{'p' + str(q) if q < 100 else 'max':>8s}" for q in PERCENTILES)
+        + "    mean"
+    )
     lines = [head]
     for name, values in columns.items():
         if values:
@@ -105,7 +109,9 @@ def inspect(
             apply_chat_template_setting(tokenizer, settings.chat_template)
         out.append(f"\nsplit {name}: {len(ds)} rows, schema {detected} ({kind})")
         if len(rejects):
-            out.append(f"  {len(rejects)} rows fail validation (training stops on the first unless --skip-invalid):")
+            out.append(
+                f"  {len(rejects)} rows fail validation (training stops on the first unless --skip-invalid):"
+            )
             for reason, n in rejects.reasons().most_common(5):
                 out.append(f"    {n:6d}  {reason}")
         if not len(ds):
@@ -123,7 +129,9 @@ def inspect(
             out += _length_table({"conversation": total, "trained": trained})
             lengths = total
         else:
-            tok = tokenize_preferences(ds, tokenizer, max_length=None, max_prompt_length=None, rejects=measure)
+            tok = tokenize_preferences(
+                ds, tokenizer, max_length=None, max_prompt_length=None, rejects=measure
+            )
             prompt = [len(x) for x in tok["prompt_input_ids"]]
             chosen = [len(x) for x in tok["chosen_input_ids"]]
             rejected = [len(x) for x in tok["rejected_input_ids"]]
@@ -131,17 +139,23 @@ def inspect(
             lengths = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected, strict=True)]
             if settings.max_prompt_length:
                 cut = sum(p > settings.max_prompt_length for p in prompt)
-                out.append(f"  max_prompt_length {settings.max_prompt_length} would cut {cut} prompts "
-                           f"({100 * cut / len(prompt):.1f}%)")
+                out.append(
+                    f"  max_prompt_length {settings.max_prompt_length} would cut {cut} prompts "
+                    f"({100 * cut / len(prompt):.1f}%)"
+                )
         if settings.max_length:
             cut = sum(n > settings.max_length for n in lengths)
-            out.append(f"  max_length {settings.max_length} would truncate {cut} of {len(lengths)} rows "
-                       f"({100 * cut / len(lengths):.1f}%)")
+            out.append(
+                f"  max_length {settings.max_length} would truncate {cut} of {len(lengths)} rows "
+                f"({100 * cut / len(lengths):.1f}%)"
+            )
         if not example_shown and len(tok):
             example_shown = True
             row = tok[0]
-            out.append(f"\nexample (row {row.get('_origin', 1)}); text inside {TRAINED_OPEN} {TRAINED_CLOSE} is "
-                       "trained on, the rest is context with no loss:")
+            out.append(
+                f"\nexample (row {row.get('_origin', 1)}); text inside {TRAINED_OPEN} {TRAINED_CLOSE} is "
+                "trained on, the rest is context with no loss:"
+            )
             if kind == "sft":
                 out.append(_marked(masked_segments(tokenizer, row["input_ids"], row["labels"])))
             else:

@@ -28,11 +28,15 @@ class Prepared:
     seconds: float
 
     def summary(self) -> str:
-        lines = [f"{self.stage} data: {len(self.train)} train rows" + (f", {len(self.test)} test rows" if self.test
-                                                                      is not None else ", no test split")]
+        lines = [
+            f"{self.stage} data: {len(self.train)} train rows"
+            + (f", {len(self.test)} test rows" if self.test is not None else ", no test split")
+        ]
         lines.append("  loaded: " + ", ".join(f"{k} {v}" for k, v in self.raw_counts.items()))
         if len(self.rejects):
-            lines.append(f"  skipped {len(self.rejects)} invalid rows, listed with reasons in {self.rejects_path}:")
+            lines.append(
+                f"  skipped {len(self.rejects)} invalid rows, listed with reasons in {self.rejects_path}:"
+            )
             for reason, n in self.rejects.reasons().most_common(5):
                 lines.append(f"    {n:6d}  {reason}")
         lines.append(f"  ready in {self.seconds:.1f}s (tokenized rows are cached; a second run reuses them)")
@@ -110,7 +114,8 @@ def prepare(cfg, *, stage: str, tokenizer=None) -> Prepared:
     raw = load_recipe_data(cfg, stage=stage, rejects=rejects)
     tokenizer = tokenizer or load_recipe_tokenizer(cfg)
     splits = {
-        name: tokenize_split(ds, cfg, stage=stage, tokenizer=tokenizer, rejects=rejects) for name, ds in raw.items()
+        name: tokenize_split(ds, cfg, stage=stage, tokenizer=tokenizer, rejects=rejects)
+        for name, ds in raw.items()
     }
     rejects_path = None
     if len(rejects):

@@ -69,7 +69,11 @@ def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_tot
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
-        kept = f"the last complete checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+        kept = (
+            f"the last complete checkpoint, {previous}, is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
         raise ZephyrError(f"could not write checkpoint {final} ({err.strerror or err}); {kept}") from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and save_total_limit:
@@ -110,5 +114,7 @@ def resolve_resume(output_dir: Path, resume_from_checkpoint: str | bool | None) 
         return latest_checkpoint(output_dir)
     path = Path(str(resume_from_checkpoint))
     if not (path / STATE_FILE).is_file():
-        raise ZephyrError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)")
+        raise ZephyrError(
+            f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)"
+        )
     return path

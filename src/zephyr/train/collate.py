@@ -48,7 +48,10 @@ class PreferenceCollator:
         for side in ("chosen_input_ids", "rejected_input_ids"):
             for r in rows:
                 ids, mask = preference_sequence(
-                    r["prompt_input_ids"], r[side], max_length=self.max_length, truncation_mode=self.truncation_mode
+                    r["prompt_input_ids"],
+                    r[side],
+                    max_length=self.max_length,
+                    truncation_mode=self.truncation_mode,
                 )
                 sequences.append(ids)
                 masks.append(mask)
@@ -58,8 +61,12 @@ class PreferenceCollator:
             "completion_mask": pad_right(masks, 0, self.pad_to_multiple_of),
         }
         if "ref_chosen_logps" in rows[0]:
-            batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
-            batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+            batch["ref_chosen_logps"] = torch.tensor(
+                [r["ref_chosen_logps"] for r in rows], dtype=torch.float32
+            )
+            batch["ref_rejected_logps"] = torch.tensor(
+                [r["ref_rejected_logps"] for r in rows], dtype=torch.float32
+            )
         return batch
 
 
@@ -79,30 +86,42 @@ class SFTCollator:
         }
 
 
+def pack_examples(rows: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
+    """Pack tokenized SFT rows, in order, into sequences of at most `max_length` tokens (greedy: a row goes into the
+    current pack if it fits, else starts a new one). Each pack has `input_ids`, `labels`, `position_ids`; positions
+    restart at 0 for every example, which is what keeps attention inside each example (transformers builds a
+    block-diagonal causal mask from them, flash attention's varlen path reads them directly). The first label of each
+    example is -100, so no example learns to predict from its predecessor's last token. No row is split or dropped.
+    """
+    packs: list[dict[str, list[int]]] = []
+    current = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        n = len(r["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > max_length:
+            packs.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += list(r["input_ids"])
+        current["labels"] += [-100] + list(r["labels"])[1:]
+        current["position_ids"] += list(range(n))
+    if current["input_ids"]:
+        packs.append(current)
+    return packs
+
+
 @dataclass
 class PackedSFTCollator:
-    """Rows `{input_ids, labels}` packed greedily into one row of at most `max_length` tokens (padding-free).
+    """Packed rows (see `pack_examples`) -> `input_ids`, `labels`, `position_ids`: [batch, seq], no attention mask.
 
-    Returns `input_ids`, `labels`, `position_ids`: [1, total_tokens]. Position ids restart at 0 for every example;
-    the loop turns them into a block-diagonal attention mask so attention never crosses example boundaries (flash
-    attention's varlen path reads the same position ids on GPU). A batch holds whole examples only: examples are
-    never split across rows.
-    """
+    Padding gets label -100 and positions of its own that restart at 0, so it forms a separate block that no real
+    token attends to."""
 
     pad_token_id: int
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for r in rows:
-            ids += list(r["input_ids"])
-            # The first label of each example must not be predicted from the previous example's last token.
-            example_labels = list(r["labels"])
-            labels += [-100] + example_labels[1:] if example_labels else []
-            positions += list(range(len(r["input_ids"])))
+        width = max(len(r["input_ids"]) for r in rows)
+        positions = [list(r["position_ids"]) + list(range(width - len(r["position_ids"]))) for r in rows]
         return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": pad_right([r["input_ids"] for r in rows], self.pad_token_id),
+            "labels": pad_right([r["labels"] for r in rows], -100),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
         }

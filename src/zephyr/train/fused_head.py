@@ -19,7 +19,9 @@ from zephyr.train.logprobs import SequenceLogps, completion_logps
 _MARK = "_zephyr_completion_head"
 
 
-def attach_completion_head(model: torch.nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0) -> None:
+def attach_completion_head(
+    model: torch.nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0
+) -> None:
     if getattr(model, _MARK, False):
         return
     original_forward = model.forward

@@ -39,6 +39,7 @@ Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Ten
 
 @dataclass
 class TrainResult:
+    model: torch.nn.Module  # as prepared by accelerate (wrapped for DDP / FSDP); save with save_final
     state: TrainerState
     output_dir: Path
     stopped_early: bool  # True when a signal asked the run to stop; a checkpoint holds where it was
@@ -90,10 +91,13 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         except ImportError as err:
             from zephyr.errors import ConfigError
 
-            raise ConfigError(f"optim: {optim} needs bitsandbytes (pip install bitsandbytes) and a GPU") from err
-        cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}.get(
-            optim, bnb.optim.AdamW8bit
-        )
+            raise ConfigError(
+                f"optim: {optim} needs bitsandbytes (pip install bitsandbytes) and a GPU"
+            ) from err
+        cls = {
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        }.get(optim, bnb.optim.AdamW8bit)
         return cls(groups, **kwargs)
     first = next((p for g in groups for p in g["params"]), None)
     # The fused kernel exists for CUDA parameters; on CPU the foreach implementation is the fast one.
@@ -156,7 +160,9 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
         for batch in dataloader:
             loss, metrics = objective(model, batch)
             n = batch["input_ids"].shape[0]
-            n = n // 2 if "completion_mask" in batch else n  # preference batches hold chosen and rejected rows
+            n = (
+                n // 2 if "completion_mask" in batch else n
+            )  # preference batches hold chosen and rejected rows
             losses = accelerator.gather_for_metrics(loss.detach().float().reshape(1).repeat(n))
             loss_sum += losses.sum().item()
             count += losses.numel()
@@ -214,8 +220,12 @@ def train(
         )
 
     def dataloader_for(epoch: int) -> DataLoader:
-        order = epoch_order(n_rows, epoch, cfg.data_seed if cfg.data_seed is not None else cfg.seed,
-                            cfg.train_sampling_strategy)
+        order = epoch_order(
+            n_rows,
+            epoch,
+            cfg.data_seed if cfg.data_seed is not None else cfg.seed,
+            cfg.train_sampling_strategy,
+        )
         dl = DataLoader(
             torch.utils.data.Subset(train_dataset, order),
             batch_size=cfg.per_device_train_batch_size,
@@ -229,8 +239,12 @@ def train(
     eval_loader = None
     if eval_dataset is not None and len(eval_dataset):
         eval_loader = accelerator.prepare_data_loader(
-            DataLoader(eval_dataset, batch_size=cfg.per_device_eval_batch_size, shuffle=False,
-                       collate_fn=eval_collate or collate)
+            DataLoader(
+                eval_dataset,
+                batch_size=cfg.per_device_eval_batch_size,
+                shuffle=False,
+                collate_fn=eval_collate or collate,
+            )
         )
 
     # ---- resume
@@ -253,7 +267,9 @@ def train(
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, initial=state.global_step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=max_steps, initial=state.global_step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True
+        )
 
     window: dict[str, list[float]] = defaultdict(list)
     window_losses: list[float] = []
@@ -270,7 +286,9 @@ def train(
     with _StopRequest() as stop:
         while state.global_step < max_steps:
             dl = dataloader_for(state.epoch)
-            batches = accelerator.skip_first_batches(dl, state.batches_in_epoch) if state.batches_in_epoch else dl
+            batches = (
+                accelerator.skip_first_batches(dl, state.batches_in_epoch) if state.batches_in_epoch else dl
+            )
             micro = 0
             for batch in batches:
                 with accelerator.accumulate(model):
@@ -286,9 +304,13 @@ def train(
                         optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
                 micro += 1
-                tokens = int(accelerator.gather(batch["attention_mask"].sum() if "attention_mask" in batch
-                                                else torch.tensor(batch["input_ids"].numel(),
-                                                                  device=accelerator.device)).sum())
+                tokens = int(
+                    accelerator.gather(
+                        batch["attention_mask"].sum()
+                        if "attention_mask" in batch
+                        else torch.tensor(batch["input_ids"].numel(), device=accelerator.device)
+                    ).sum()
+                )
                 state.total_tokens += tokens
                 window_tokens += tokens
                 window_losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())
@@ -315,8 +337,11 @@ def train(
                     state.log_history.append(record)
                     log.write(record)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                        tok_s=f"{record['tokens_per_second']:.0f}")
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4f}",
+                            lr=f"{record['learning_rate']:.2e}",
+                            tok_s=f"{record['tokens_per_second']:.0f}",
+                        )
                     window.clear()
                     window_losses.clear()
                     window_tokens, window_start = 0, time.perf_counter()
@@ -346,4 +371,4 @@ def train(
             record = {"step": state.global_step, **evaluate(accelerator, model, objective, eval_loader)}
             state.log_history.append(record)
             log.write(record)
-    return TrainResult(state=state, output_dir=output_dir, stopped_early=stopped_early)
+    return TrainResult(model=model, state=state, output_dir=output_dir, stopped_early=stopped_early)

@@ -1,0 +1,274 @@
+"""`zephyr dpo`: Direct Preference Optimization, the second stage of the Zephyr recipe.
+
+    zephyr dpo --config recipes/zephyr-7b-beta/dpo.yaml                    # one process (CPU or one GPU)
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config recipes/zephyr-7b-beta/dpo.yaml
+
+Sections: setup -> data -> policy and reference -> (reference log-probs, precomputed and cached) -> loop -> save.
+A step puts chosen and rejected through one forward pass ([chosen; rejected] rows, TRL's layout), computes
+completion log-probs with the chunked LM head (never the full [tokens, vocab] logits), gets the reference log-probs
+(a frozen copy, the base model with LoRA adapters disabled, or the precomputed cache), and applies the objective
+named by `loss_type`. Metrics carry TRL's names and reductions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from zephyr.train.collate import PreferenceCollator
+from zephyr.train.fused_head import attach_completion_head
+from zephyr.train.objectives import check_loss_config, dpo_loss, preference_metrics
+
+REF_CACHE_FORMAT = 1
+
+
+class DPOObjective:
+    """`(model, batch) -> (loss, metrics)` for the loop; batch from `PreferenceCollator`."""
+
+    def __init__(self, cfg, accelerator, ref_model=None):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.ref_model = ref_model
+        self.loss_types, self.loss_weights = check_loss_config(
+            cfg.loss_type,
+            cfg.loss_weights,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            f_divergence_type=cfg.f_divergence_type,
+            use_weighting=cfg.use_weighting,
+        )
+
+    def reference_logps(self, model, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        inputs = dict(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            completion_labels=labels,
+            with_metrics=False,
+        )
+        with torch.no_grad():
+            if self.ref_model is not None:
+                with self.accelerator.autocast():
+                    ref = self.ref_model(**inputs)
+            else:  # LoRA: the reference is the base model, adapters off
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    ref = model(**inputs)
+        return ref.logps.chunk(2)
+
+    def __call__(self, model, batch):
+        cfg = self.cfg
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        policy = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            completion_labels=labels,
+            with_metrics=True,
+        )
+        chosen, rejected = policy.chunk_pairs()
+        if cfg.reference_free:
+            ref_chosen = ref_rejected = torch.zeros_like(chosen.logps)
+        else:
+            ref_chosen, ref_rejected = self.reference_logps(model, batch, labels)
+        out = dpo_loss(
+            chosen.logps,
+            rejected.logps,
+            ref_chosen.to(chosen.logps.dtype),
+            ref_rejected.to(chosen.logps.dtype),
+            loss_type=self.loss_types,
+            loss_weights=self.loss_weights,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            chosen_token_counts=chosen.token_counts,
+            rejected_token_counts=rejected.token_counts,
+            chosen_sft_logps=chosen.logps,
+            f_divergence_type=cfg.f_divergence_type,
+            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+            discopop_tau=cfg.discopop_tau,
+            rpo_alpha=cfg.rpo_alpha,
+        )
+        metrics = preference_metrics(
+            out, chosen.logps, rejected.logps, chosen, rejected, gather=self.accelerator.gather
+        )
+        return out.losses.mean(), {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------- reference cache
+
+
+def _model_identity(name_or_path: str) -> dict:
+    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime)."""
+    from zephyr.models import resolve_model
+
+    path = Path(resolve_model(name_or_path))
+    if not path.is_dir():
+        return {"hub_id": name_or_path}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
+
+
+def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
+    from zephyr.models import zephyr_cache_dir
+
+    key = json.dumps(
+        {
+            "format": REF_CACHE_FORMAT,
+            "model": _model_identity(ref_name),
+            "data": dataset._fingerprint,
+            "max_length": cfg.max_length,
+            "truncation_mode": cfg.truncation_mode,
+            "precision": precision,
+            "dtype": cfg.dtype,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return zephyr_cache_dir() / "ref_logps" / f"{digest}.pt"
+
+
+def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_name: str, precision: str):
+    """Add `ref_chosen_logps` / `ref_rejected_logps` columns from one pass of the reference model, cached on disk
+    keyed by reference model, tokenized data and truncation, so a second run (or a resumed one) reuses them."""
+    path = reference_cache_path(cfg, ref_name, dataset, precision)
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        accelerator.print(f"reference log-probs: reusing {path}")
+    else:
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        batch_size = cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size
+        rank, world = accelerator.process_index, accelerator.num_processes
+        indices = list(range(rank, len(dataset), world))
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate
+        )
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            with torch.no_grad(), accelerator.autocast():
+                out = ref_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    completion_labels=labels,
+                    with_metrics=False,
+                )
+            c, r = out.logps.float().chunk(2)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        local = {
+            "index": torch.tensor(indices, dtype=torch.long),
+            "chosen": torch.cat(chosen) if chosen else torch.zeros(0),
+            "rejected": torch.cat(rejected) if rejected else torch.zeros(0),
+        }
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local]) if world > 1 else [local]
+        order = torch.cat([p["index"] for p in parts]).argsort()
+        cached = {side: torch.cat([p[side] for p in parts])[order] for side in ("chosen", "rejected")}
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(cached, tmp)
+            os.replace(tmp, path)  # never a half-written cache under the real name
+        accelerator.wait_for_everyone()
+    dataset = dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
+    return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def run_dpo(cfg, *, progress: bool = True):
+    from zephyr.data.prepare import load_recipe_tokenizer, prepare
+    from zephyr.models import load_model
+    from zephyr.train.loop import train
+    from zephyr.train.runtime import load_policy, make_accelerator, save_final, wrap_lora
+
+    # ---- setup
+    accelerator = make_accelerator(cfg)
+    DPOObjective(cfg, accelerator)  # refuse a bad loss configuration before any model loads
+    tokenizer = load_recipe_tokenizer(cfg)
+    with accelerator.main_process_first():  # rank 0 tokenizes, the others read its cache
+        data = prepare(cfg, stage="dpo", tokenizer=tokenizer)
+    if accelerator.is_main_process:
+        print(data.summary())
+    collate = PreferenceCollator(
+        pad_token_id=cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id,
+        max_length=cfg.max_length,
+        truncation_mode=cfg.truncation_mode,
+    )
+
+    # ---- policy and reference
+    policy = load_policy(cfg, tokenizer)
+    attach_completion_head(policy)
+    ref_name = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    ref_model = None
+    needs_ref_model = not cfg.reference_free and (not cfg.use_peft or cfg.ref_model_name_or_path)
+    if needs_ref_model:
+        ref_model = load_model(
+            ref_name,
+            dtype=cfg.dtype,
+            revision=cfg.model_revision,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        ref_model.eval().requires_grad_(False)
+        attach_completion_head(ref_model)
+        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+    if cfg.use_peft:
+        policy = wrap_lora(cfg, policy)
+        if accelerator.is_main_process:
+            policy.print_trainable_parameters()
+
+    train_ds, test_ds = data.train, data.test
+    if cfg.precompute_ref_log_probs and not cfg.reference_free:
+        precision = accelerator.mixed_precision
+        if ref_model is None:  # LoRA without an explicit reference: the base model before any adapter step
+            ref_model = policy
+        ctx = ref_model.disable_adapter() if ref_model is policy else contextlib.nullcontext()
+        if ref_model is policy:
+            policy.to(accelerator.device)
+        with ctx:
+            train_ds = precompute_reference(
+                cfg, accelerator, ref_model, train_ds, collate, ref_name=ref_name, precision=precision
+            )
+            if test_ds is not None:
+                test_ds = precompute_reference(
+                    cfg, accelerator, ref_model, test_ds, collate, ref_name=ref_name, precision=precision
+                )
+        if ref_model is not policy:
+            del ref_model  # training holds only the policy in memory
+        ref_model = None
+
+    # ---- loop
+    objective = DPOObjective(cfg, accelerator, ref_model=ref_model)
+    result = train(
+        cfg,
+        accelerator=accelerator,
+        model=policy,
+        objective=objective,
+        train_dataset=train_ds,
+        collate=collate,
+        eval_dataset=test_ds,
+        progress=progress,
+    )
+
+    # ---- save
+    if not result.stopped_early:
+        save_final(
+            accelerator,
+            result.model,
+            tokenizer,
+            cfg,
+            base_model=cfg.model_name_or_path,
+            extra={"reference_model": ref_name, "log_history": result.state.log_history},
+        )
+    accelerator.end_training()
+    return result
