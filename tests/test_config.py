@@ -569,7 +569,7 @@ def test_demo_recipes_chain_and_stay_small():
     dpo = load_config("dpo", RECIPES / "smollm2-demo" / "dpo.yaml")
     assert sft.model_name_or_path == "smollm2-135m-instruct" and dpo.model_name_or_path == sft.output_dir
     assert (sft.dataset_name, dpo.dataset_name) == ("data/demo/ultrachat", "data/demo/ultrafeedback")
-    assert sft.max_length == dpo.max_length == 512 and sft.chat_template == dpo.chat_template == "zephyr"
+    assert sft.max_length == dpo.max_length == 512 and sft.chat_template == dpo.chat_template == "auto"
     assert sft.output_dir.startswith("outputs/") and dpo.output_dir.startswith("outputs/")
     assert 0 < sft.max_steps <= 20 and 0 < dpo.max_steps <= 20
 

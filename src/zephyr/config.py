@@ -100,6 +100,9 @@ class RecipeConfig:
     lora_task_type: str = _choice("CAUSAL_LM", ("CAUSAL_LM",))
     use_rslora: bool = False
     use_dora: bool = False
+    merge_adapter: bool = (
+        False  # LoRA: save the merged model in output_dir (the adapter goes to output_dir/adapter)
+    )
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_4bit_quant_type: str = _choice("nf4", ("fp4", "nf4"))

@@ -21,7 +21,9 @@ class DataError(ZephyrError):
     str(err) reads `FILE, row N, field 'F': REASON`; any of the three locators may be missing.
     """
 
-    def __init__(self, reason: str, *, file: str | None = None, row: int | None = None, field: str | None = None):
+    def __init__(
+        self, reason: str, *, file: str | None = None, row: int | None = None, field: str | None = None
+    ):
         self.reason = reason
         self.file = file
         self.row = row

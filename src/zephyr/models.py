@@ -473,7 +473,7 @@ def _from_pretrained(auto_class, what: str, name_or_path: str | None, **kwargs):
 
     resolved = resolve_model(name_or_path)
     from_hub = not Path(resolved).is_dir()
-    if from_hub and not _hub_reachable():
+    if from_hub and not hub_reachable():
         # Use a copy in the Hugging Face cache if there is one; otherwise fail now, not after a minute of retries.
         kwargs["local_files_only"] = True
         if what == "model":
@@ -493,7 +493,7 @@ def _from_pretrained(auto_class, what: str, name_or_path: str | None, **kwargs):
         raise ZephyrError(f"could not load the {what} of {where}: {first_line}") from err
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the hub's host accepts a connection; False at once in offline mode."""
     from huggingface_hub import constants
 

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 from zephyr.data.rejects import Rejects
+from zephyr.errors import ConfigError, DataError, ZephyrError
 
 PERCENTILES = (50, 90, 99, 100)
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -32,12 +33,28 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[int(rank) - 1]
 
 
+def _recipe(recipe: str, kind: str):
+    """RECIPE loaded as the stage that trains on KIND rows; a recipe of the other stage is named as such."""
+    from zephyr.config import load_config
+
+    stage, other = ("sft", "dpo") if kind == "sft" else ("dpo", "sft")
+    try:
+        return load_config(stage, recipe)
+    except ConfigError as err:
+        try:
+            load_config(other, recipe)
+        except ZephyrError:
+            raise err from None
+        raise ConfigError(
+            f"{recipe} is a {other} recipe but this data holds {kind} rows, which `zephyr {stage}` trains on; "
+            f"pass a recipe for `zephyr {stage}` or leave --recipe out"
+        ) from None
+
+
 def _settings(recipe: str | None, kind: str, **cli) -> Settings:
     s = Settings()
     if recipe:
-        from zephyr.config import load_config
-
-        cfg = load_config("sft" if kind == "sft" else "dpo", recipe)
+        cfg = _recipe(recipe, kind)
         s = Settings(
             model=cfg.tokenizer_name_or_path or cfg.model_name_or_path,
             chat_template=cfg.chat_template,
@@ -81,19 +98,30 @@ def inspect(
     sample: int = 2000,
     seed: int = 0,
 ) -> str:
+    from zephyr.data.prepare import reason_lines
     from zephyr.data.schemas import SCHEMAS, load_split
     from zephyr.data.sources import iter_records, list_splits
     from zephyr.data.templates import apply_chat_template_setting, with_empty_system_messages
     from zephyr.data.tokenize import masked_segments, tokenize_preferences, tokenize_sft
     from zephyr.models import EMBEDDED_MODEL, load_tokenizer
 
+    if max_length is not None and max_length < 1:
+        raise ConfigError(f"--max-length must be a positive number of tokens, not {max_length}")
     splits = [split] if split else list_splits(source)
     out = [f"source: {source}"]
     tokenizer = None
     example_shown = False
     for name in splits:
         rejects = Rejects(skip_invalid=True)
-        ds = load_split(source, split=name, schema=schema or "auto", rejects=rejects)
+        try:
+            ds = load_split(source, split=name, schema=schema or "auto", rejects=rejects)
+        except DataError as err:
+            if not len(rejects):
+                raise
+            # Every row was refused: say why, or the user learns only that nothing is left.
+            r = rejects.rows[0]
+            example = DataError(r["reason"], file=r["file"], row=r["row"], field=r["field"])
+            raise DataError(f"{err.reason}; the first: {example}", file=err.file) from None
         detected = schema
         if detected in (None, "auto"):
             from zephyr.data.schemas import detect_schema
@@ -112,8 +140,7 @@ def inspect(
             out.append(
                 f"  {len(rejects)} rows fail validation (training stops on the first unless --skip-invalid):"
             )
-            for reason, n in rejects.reasons().most_common(5):
-                out.append(f"    {n:6d}  {reason}")
+            out += reason_lines(rejects)
         if not len(ds):
             continue
         if len(ds) > sample:
@@ -124,14 +151,23 @@ def inspect(
         measure = Rejects(skip_invalid=True)
         if kind == "sft":
             tok = tokenize_sft(ds, tokenizer, max_length=None, rejects=measure)
+        else:
+            tok = tokenize_preferences(
+                ds, tokenizer, max_length=None, max_prompt_length=None, rejects=measure
+            )
+        if len(measure):
+            out.append(
+                f"  {len(measure)} rows cannot be tokenized with this template (training refuses them too):"
+            )
+            out += reason_lines(measure)
+        if not len(tok):
+            continue
+        if kind == "sft":
             total = [len(ids) for ids in tok["input_ids"]]
             trained = [sum(1 for t in labels if t != -100) for labels in tok["labels"]]
             out += _length_table({"conversation": total, "trained": trained})
             lengths = total
         else:
-            tok = tokenize_preferences(
-                ds, tokenizer, max_length=None, max_prompt_length=None, rejects=measure
-            )
             prompt = [len(x) for x in tok["prompt_input_ids"]]
             chosen = [len(x) for x in tok["chosen_input_ids"]]
             rejected = [len(x) for x in tok["rejected_input_ids"]]
@@ -149,7 +185,7 @@ def inspect(
                 f"  max_length {settings.max_length} would truncate {cut} of {len(lengths)} rows "
                 f"({100 * cut / len(lengths):.1f}%)"
             )
-        if not example_shown and len(tok):
+        if not example_shown:
             example_shown = True
             row = tok[0]
             out.append(

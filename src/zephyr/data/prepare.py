@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 
 from zephyr.data.rejects import Rejects
+from zephyr.errors import DataError
 
 KIND = {"sft": "sft", "dpo": "preference"}
 
@@ -37,10 +38,20 @@ class Prepared:
             lines.append(
                 f"  skipped {len(self.rejects)} invalid rows, listed with reasons in {self.rejects_path}:"
             )
-            for reason, n in self.rejects.reasons().most_common(5):
-                lines.append(f"    {n:6d}  {reason}")
+            lines += reason_lines(self.rejects)
         lines.append(f"  ready in {self.seconds:.1f}s (tokenized rows are cached; a second run reuses them)")
         return "\n".join(lines)
+
+
+def reason_lines(rejects: Rejects, top: int = 5) -> list[str]:
+    """The TOP most common reasons in REJECTS with their counts, one line each, and a line for the rest: reasons
+    that quote a number (a token position) differ from row to row, and the counts shown must add up."""
+    counts = rejects.reasons().most_common()
+    lines = [f"    {n:6d}  {reason}" for reason, n in counts[:top]]
+    rest = sum(n for _, n in counts[top:])
+    if rest:
+        lines.append(f"    {rest:6d}  for {len(counts) - top} other reasons")
+    return lines
 
 
 def load_recipe_data(cfg, *, stage: str, rejects: Rejects) -> datasets.DatasetDict:
@@ -111,15 +122,24 @@ def prepare(cfg, *, stage: str, tokenizer=None) -> Prepared:
     field, or with `skip_invalid` are written to OUTPUT_DIR/rejects.jsonl and counted."""
     start = time.perf_counter()
     rejects = Rejects(skip_invalid=bool(cfg.skip_invalid))
-    raw = load_recipe_data(cfg, stage=stage, rejects=rejects)
-    tokenizer = tokenizer or load_recipe_tokenizer(cfg)
-    splits = {
-        name: tokenize_split(ds, cfg, stage=stage, tokenizer=tokenizer, rejects=rejects)
-        for name, ds in raw.items()
-    }
+    rejects_file = Path(cfg.output_dir) / "rejects.jsonl"
+    try:
+        raw = load_recipe_data(cfg, stage=stage, rejects=rejects)
+        tokenizer = tokenizer or load_recipe_tokenizer(cfg)
+        splits = {
+            name: tokenize_split(ds, cfg, stage=stage, tokenizer=tokenizer, rejects=rejects)
+            for name, ds in raw.items()
+        }
+        for name, ds in splits.items():
+            if not len(ds):
+                raise DataError(
+                    f"the {name} split has no rows left: all {len(raw[name])} were refused when tokenized"
+                )
+    except DataError as err:
+        raise _with_remedy(err, rejects, rejects_file) from None
     rejects_path = None
     if len(rejects):
-        rejects_path = rejects.write(Path(cfg.output_dir) / "rejects.jsonl")
+        rejects_path = rejects.write(rejects_file)
     return Prepared(
         stage=stage,
         train=splits["train"],
@@ -130,3 +150,21 @@ def prepare(cfg, *, stage: str, tokenizer=None) -> Prepared:
         raw_counts={name: len(ds) for name, ds in raw.items()},
         seconds=time.perf_counter() - start,
     )
+
+
+def _with_remedy(err: DataError, rejects: Rejects, rejects_file: Path) -> DataError:
+    """ERR with what to do about it: skip the bad row it names, or read the rows already set aside (when every row
+    of a split was refused, the rejects file is the only place that says why)."""
+    if not rejects.skip_invalid and err.row is not None:
+        remedy = (
+            "fix the row, or set skip_invalid: true (--skip_invalid true) to skip such rows and list them in "
+            f"{rejects_file}"
+        )
+    elif len(rejects):
+        first = rejects.rows[0]
+        example = DataError(first["reason"], file=first["file"], row=first["row"], field=first["field"])
+        listed = rejects.write(rejects_file)
+        remedy = f"the {len(rejects)} rows refused so far are listed in {listed}; the first: {example}"
+    else:
+        return err
+    return DataError(f"{err.reason}; {remedy}", file=err.file, row=err.row, field=err.field)

@@ -24,7 +24,13 @@ class Rejects:
         if not self.skip_invalid:
             raise error
         self.rows.append(
-            {"file": error.file, "row": error.row, "field": error.field, "reason": error.reason, "data": _jsonable(data)}
+            {
+                "file": error.file,
+                "row": error.row,
+                "field": error.field,
+                "reason": error.reason,
+                "data": _jsonable(data),
+            }
         )
 
     def __len__(self) -> int:

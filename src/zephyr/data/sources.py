@@ -13,6 +13,7 @@ A single file is split `train`, but a caller that names another split for it get
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -224,11 +225,32 @@ def _dataset_records(dataset: Any, origin: str) -> Iterator[Record]:
 # ---------------------------------------------------------------- hub
 
 
+@contextlib.contextmanager
+def _offline_unless_reachable(source: str):
+    """Without a network, `datasets` retries for tens of seconds before failing. When the hub cannot be reached,
+    go offline at once: a dataset already in the local `datasets` cache still loads, anything else fails fast."""
+    import datasets
+    from huggingface_hub import constants
+
+    from zephyr.models import hub_reachable
+
+    if Path(source).exists() or hub_reachable():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _hub_records(source: str, split: str, config: str | None) -> Iterator[Record]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, config, split=split)
+        with _offline_unless_reachable(source):
+            dataset = datasets.load_dataset(source, config, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         raise _hub_error(source, e) from None
     origin = f"{source}[{split}]" if config is None else f"{source}[{config}/{split}]"
@@ -239,7 +261,8 @@ def _hub_split_names(source: str, config: str | None) -> list[str]:
     import datasets
 
     try:
-        return sorted(datasets.get_dataset_split_names(source, config))
+        with _offline_unless_reachable(source):
+            return sorted(datasets.get_dataset_split_names(source, config))
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         raise _hub_error(source, e) from None
 

@@ -387,6 +387,10 @@ def _cached_tokenization(
         # Refused rows reach `rejects` before anything is cached: without --skip-invalid the first one raises here.
         for error, data in refused:
             rejects.add(error, data)
+        if (
+            len(tokenized) == 0
+        ):  # datasets cannot read back a saved 0-row dataset; nothing worth caching anyway
+            return tokenized
         _save_atomically(tokenized, refused, path)
     else:
         for error, data in _load_refused(path):

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,19 @@ class TrainerState:
         return cls(**json.loads((folder / STATE_FILE).read_text()))
 
 
+def fault_point(name: str) -> None:
+    """Crash-test hook: `ZEPHYR_FAULT=NAME` makes the process kill itself (SIGKILL, as the OOM killer or a node
+    failure would) or send itself SIGTERM (`NAME/term`, as a scheduler does before preemption) at the named point.
+    Points: `step:N` (inside optimizer step N, after its forward and backward), `checkpoint:N` (checkpoint N fully
+    written but not yet renamed into place), `precompute` (during the reference pass), `final-save`."""
+    wanted = os.environ.get("ZEPHYR_FAULT")
+    if not wanted:
+        return
+    point, _, how = wanted.partition("/")
+    if point == name:
+        os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -62,6 +76,7 @@ def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_tot
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(state.to_json())
             _fsync_tree(tmp)
+            fault_point(f"checkpoint:{state.global_step}")
             if final.exists():  # a checkpoint of the same step from an earlier, resumed run
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -106,15 +121,16 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(output_dir: Path, resume_from_checkpoint: str | bool | None) -> Path | None:
-    """`true` -> the latest complete checkpoint in OUTPUT_DIR (None when there is none yet); a path -> that one."""
+def resume_candidates(output_dir: Path, resume_from_checkpoint: str | bool | None) -> list[Path]:
+    """Checkpoints to try, best first. `true` -> every complete checkpoint in OUTPUT_DIR, newest first (the loop
+    falls back to an older one when a newer one cannot be read); a path -> that one; false / None -> none."""
     if resume_from_checkpoint in (None, False, "false", ""):
-        return None
+        return []
     if resume_from_checkpoint in (True, "true"):
-        return latest_checkpoint(output_dir)
+        return list(reversed(list_checkpoints(output_dir)))
     path = Path(str(resume_from_checkpoint))
     if not (path / STATE_FILE).is_file():
         raise ZephyrError(
             f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)"
         )
-    return path
+    return [path]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from zephyr.train.checkpoint import fault_point
 from zephyr.train.collate import PreferenceCollator
 from zephyr.train.fused_head import attach_completion_head
 from zephyr.train.objectives import check_loss_config, dpo_loss, preference_metrics
@@ -159,6 +160,7 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
                     completion_labels=labels,
                     with_metrics=False,
                 )
+            fault_point("precompute")
             c, r = out.logps.float().chunk(2)
             chosen.append(c.cpu())
             rejected.append(r.cpu())
@@ -268,7 +270,8 @@ def run_dpo(cfg, *, progress: bool = True):
             tokenizer,
             cfg,
             base_model=cfg.model_name_or_path,
-            extra={"reference_model": ref_name, "log_history": result.state.log_history},
+            log_history=result.state.log_history,
+            extra={"reference_model": ref_name},
         )
     accelerator.end_training()
     return result

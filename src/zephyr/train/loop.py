@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from zephyr.train.checkpoint import (
     TrainerState,
+    fault_point,
     remove_partial_checkpoints,
-    resolve_resume,
+    resume_candidates,
     save_checkpoint,
 )
 
@@ -136,6 +137,14 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.trackers = bool(report_to)
 
+    def truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
@@ -143,6 +152,18 @@ class MetricsLog:
         if self.trackers:
             step = record.get("step")
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+
+def _diverged(what: str, value: torch.Tensor, step: int, output_dir: Path) -> None:
+    from zephyr.errors import ZephyrError
+    from zephyr.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise ZephyrError(
+        f"the {what} became {value.detach().float().flatten()[0].item()} at step {step}; {kept}. Lower the "
+        "learning_rate, check max_grad_norm, or use bf16 instead of fp16"
+    )
 
 
 def _mean_metrics(window: dict[str, list[float]]) -> dict[str, float]:
@@ -249,14 +270,22 @@ def train(
 
     # ---- resume
     state = TrainerState(max_steps=max_steps)
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = TrainerState.load(resume)
+    for resume in resume_candidates(output_dir, cfg.resume_from_checkpoint):
+        try:
+            accelerator.load_state(str(resume))
+            state = TrainerState.load(resume)
+        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
+            accelerator.print(
+                f"checkpoint {resume} is unreadable ({type(err).__name__}: {err}); trying the previous one"
+            )
+            continue
         state.max_steps = max_steps
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
+        break
 
     log = MetricsLog(accelerator, output_dir, cfg.report_to or [])
+    if accelerator.is_main_process:
+        log.truncate_after(state.global_step)  # records of steps the resumed run will redo
     eval_every = None
     if cfg.eval_strategy == "steps" and eval_loader is not None:
         eval_every = every(cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps, max_steps)
@@ -293,11 +322,16 @@ def train(
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss, metrics = objective(model, batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        _diverged("loss", loss, state.global_step + 1, output_dir)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
+                        fault_point(f"step:{state.global_step + 1}")
                         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                            if not torch.isfinite(grad_norm).all():
+                                _diverged("gradient norm", grad_norm, state.global_step + 1, output_dir)
                         step_lr = scheduler.get_last_lr()[0]  # the rate this step used, as Trainer logs it
                         optimizer.step()
                         scheduler.step()

@@ -101,12 +101,29 @@ def wrap_lora(cfg, model):
     return get_peft_model(model, lora)
 
 
-def save_final(accelerator, model, tokenizer, cfg, *, base_model: str, extra: dict | None = None) -> Path:
-    """Write the trained model as a Hugging Face folder in OUTPUT_DIR (weights, config, generation config, tokenizer
-    with its chat template) that `transformers.pipeline("text-generation", model=OUTPUT_DIR)` loads.
+# The zephyr-7b-alpha card's sampling settings, so its `pipeline(...)` snippet behaves the same on our output.
+CARD_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95, "max_new_tokens": 256}
 
-    LoRA runs save the merged model there and the adapter alone in OUTPUT_DIR/adapter. Files are written to a
-    temporary folder first and moved in at the end, so a crash never leaves a half-written weights file."""
+
+def save_final(
+    accelerator, model, tokenizer, cfg, *, base_model: str, log_history: list[dict], extra: dict | None = None
+) -> Path:
+    """Write the trained model as a Hugging Face folder in OUTPUT_DIR that `transformers.pipeline("text-generation",
+    model=OUTPUT_DIR)` loads: safetensors weights (sharded when large), config, a generation config with the card's
+    sampling defaults and the tokenizer's eos, the tokenizer with its chat template (in chat_template.jinja and in
+    tokenizer_config.json), `zephyr_run.json`, `results.md` and `training.png`.
+
+    LoRA runs save the adapter (OUTPUT_DIR is then a PEFT adapter folder on top of the base model), or with
+    `merge_adapter: true` the merged model, with the adapter alone in OUTPUT_DIR/adapter. Files are written to a
+    temporary folder and moved in at the end, so a crash never leaves a half-written weights file.
+    """
+    from transformers import GenerationConfig
+
+    from zephyr import __version__
+    from zephyr.config import config_to_dict
+    from zephyr.train.checkpoint import fault_point
+    from zephyr.train.results import write_results
+
     output_dir = Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(
@@ -119,28 +136,41 @@ def save_final(accelerator, model, tokenizer, cfg, *, base_model: str, extra: di
     staging = output_dir / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    if hasattr(unwrapped, "merge_and_unload"):  # peft
+    is_lora = hasattr(unwrapped, "merge_and_unload")
+    if is_lora and cfg.merge_adapter:
         unwrapped.save_pretrained(staging / "adapter")
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None
-    unwrapped.config.use_cache = True
+    config = unwrapped.config if not is_lora or cfg.merge_adapter else unwrapped.get_base_model().config
+    config.use_cache = True
     unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-    if unwrapped.generation_config is not None:
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        unwrapped.generation_config.save_pretrained(staging)
+    if is_lora and not cfg.merge_adapter:
+        config.save_pretrained(staging / "base_config")  # for reference; the adapter names its base model
+    generation = GenerationConfig.from_model_config(config)
+    generation.update(
+        **CARD_SAMPLING,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    generation.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    from zephyr import __version__
-    from zephyr.config import config_to_dict
-
+    tokenizer_config = staging / "tokenizer_config.json"
+    if tokenizer.chat_template and tokenizer_config.is_file():  # older readers look for it here
+        data = json.loads(tokenizer_config.read_text())
+        data["chat_template"] = tokenizer.chat_template
+        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     record = {
         "zephyr_version": __version__,
         "stage": cfg.stage,
         "base_model": base_model,
         "config": config_to_dict(cfg),
+        "log_history": log_history,
         **(extra or {}),
     }
     (staging / "zephyr_run.json").write_text(json.dumps(record, indent=1, default=str))
+    write_results(staging, log_history, cfg.stage)
+    fault_point("final-save")
     for path in staging.iterdir():
         target = output_dir / path.name
         if target.is_dir():

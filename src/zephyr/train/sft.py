@@ -90,7 +90,7 @@ def run_sft(cfg, *, progress: bool = True):
             tokenizer,
             cfg,
             base_model=cfg.model_name_or_path,
-            extra={"log_history": result.state.log_history},
+            log_history=result.state.log_history,
         )
     accelerator.end_training()
     return result

@@ -1,0 +1,89 @@
+"""A 2-process CPU run (torchrun, gloo) gives the same result as a 1-process run with the same global batch: the
+same losses and metrics step by step (gradients are averaged over processes, metrics gathered over them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _prefs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(16):
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Name {i} things.",
+                        "chosen": "One, two." + " x" * (i % 5),
+                        "rejected": f"No. {i}",
+                    }
+                )
+                + "\n"
+            )
+    return folder
+
+
+def _args(model: Path, data: Path, out: Path, batch: int) -> list[str]:
+    return ["dpo", f"--model_name_or_path={model}", f"--dataset_name={data}", f"--output_dir={out}",
+            "--max_steps=3", f"--per_device_train_batch_size={batch}", "--learning_rate=1e-3", "--logging_steps=1",
+            "--bf16=false", "--save_strategy=no", "--train_sampling_strategy=sequential", "--max_length=64",
+            "--gradient_checkpointing=false"]  # fmt: skip
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun is not installed",
+)
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    data = _prefs(tmp_path / "data")
+    one = subprocess.run(
+        [sys.executable, "-m", "zephyr", *_args(tiny_model_dir, data, tmp_path / "one", 4)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "zephyr",
+            *_args(tiny_model_dir, data, tmp_path / "two", 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(single) == len(double) == 3
+    for a, b in zip(single, double, strict=True):
+        assert b["num_tokens"] == a["num_tokens"]  # both processes' tokens are counted
+        for key in (
+            "loss",
+            "grad_norm",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logits/chosen",
+        ):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert (tmp_path / "two" / "model.safetensors").is_file()
