@@ -87,38 +87,6 @@ def win_rate(model_dir: str, prompts: list[str], *, max_new_tokens: int = 48, ba
     return passed / max(len(prompts), 1)
 
 
-def plot(sft_dir: Path, dpo_dir: Path, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def read(folder: Path) -> list[dict]:
-        file = folder / "metrics.jsonl"
-        return [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
-
-    sft = [r for r in read(sft_dir) if "loss" in r]
-    dpo = [r for r in read(dpo_dir) if "loss" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], marker="o")
-    axes[0].set_title("SFT loss")
-    axes[1].plot([r["step"] for r in dpo], [r["loss"] for r in dpo], marker="o", color="C1")
-    axes[1].set_title("DPO loss")
-    axes[2].plot([r["step"] for r in dpo], [r["rewards/margins"] for r in dpo], marker="o", label="margin")
-    axes[2].plot(
-        [r["step"] for r in dpo], [r["rewards/accuracies"] for r in dpo], marker="s", label="accuracy"
-    )
-    axes[2].set_title("DPO rewards")
-    axes[2].legend()
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", quick: bool = False) -> int:
     from zephyr.models import EMBEDDED_MODEL
 
@@ -179,10 +147,45 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
             f"  {name:5s} {model:40s} follows {100 * rates[name]:5.1f}% of {len(prompts)} instructions",
             flush=True,
         )
-    (out / "demo_results.json").write_text(
-        json.dumps({"instruction_pass_rate": rates, "prompts": len(prompts)})
+
+    final_eval = held_out_metrics(dpo_dir)
+    report = {
+        "instruction_pass_rate": rates,
+        "prompts": len(prompts),
+        "held_out_after_dpo": final_eval,
+        "seconds": round(time.perf_counter() - start),
+    }
+    (out / "demo_results.json").write_text(json.dumps(report, indent=1))
+    print("\n== Zephyr demo report ==")
+    print("held-out preference pairs (DPO eval split):")
+    print(
+        "  before DPO: reward accuracy 0.00, margin 0.000 (the policy is its own reference, so every reward is 0)"
     )
-    png = plot(sft_dir, dpo_dir, out / "training.png")
-    print(f"\nplot: {png}\nmodel: {dpo_dir} (loads with transformers.pipeline('text-generation', model=...))")
-    print(f"demo finished in {time.perf_counter() - start:.0f}s")
+    if final_eval:
+        print(
+            f"  after DPO:  reward accuracy {final_eval['eval_rewards/accuracies']:.2f}, "
+            f"margin {final_eval['eval_rewards/margins']:.3f}, loss {final_eval['eval_loss']:.4f}"
+        )
+    print("instructions followed (checked by program), greedy answers to held-out prompts:")
+    print("  " + ", ".join(f"{name} {100 * rate:.1f}%" for name, rate in rates.items()))
+    print(f"model: {dpo_dir}  (transformers.pipeline('text-generation', model='{dpo_dir}') loads it)")
+    print(
+        f"results table: {dpo_dir / 'results.md'}; plots: {sft_dir / 'training.png'}, {dpo_dir / 'training.png'}"
+    )
+    print(
+        f"talk to it: python -c \"from transformers import pipeline; p = pipeline('text-generation', "
+        f"model='{dpo_dir}'); print(p([{{'role': 'user', 'content': 'What is 12 + 30?'}}])[0]['generated_text'])\""
+    )
+    print(f"demo finished in {report['seconds']}s")
     return 0
+
+
+def held_out_metrics(run_dir: Path) -> dict:
+    """The last evaluation of a run, from its metrics.jsonl ({} when it had none)."""
+    file = run_dir / "metrics.jsonl"
+    evals = (
+        [json.loads(line) for line in file.read_text().splitlines() if '"eval_loss"' in line]
+        if file.is_file()
+        else []
+    )
+    return evals[-1] if evals else {}

@@ -429,6 +429,7 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     device_map=None,
+    quantization_config=None,
 ):
     """The causal LM of NAME_OR_PATH (see `resolve_model`), from safetensors weights only.
 
@@ -446,6 +447,7 @@ def load_model(
         dtype=_torch_dtype(dtype),
         attn_implementation=attn_implementation,
         device_map=device_map,
+        quantization_config=quantization_config,
         use_safetensors=True,
     )
 

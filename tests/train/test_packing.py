@@ -159,7 +159,9 @@ def test_collated_packs_of_different_lengths_keep_examples_apart(tiny):
         "input_ids",
         "labels",
         "position_ids",
+        "token_count",
     }  # no attention mask: positions delimit examples
+    assert batch["token_count"].tolist() == [14, 12]  # real tokens per row, padding excluded (num_tokens)
     assert batch["input_ids"].shape == (2, 14)
     assert batch["input_ids"][1, 12:].tolist() == [2, 2]
     assert batch["labels"][1, 12:].tolist() == [-100, -100]
@@ -207,7 +209,7 @@ def test_packed_sft_run_trains_on_fewer_sequences_than_examples(
     data = _write_chat(tmp_path / "chat", 12)
     cfg = load_config("sft", None, [
         f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", f"--output_dir={tmp_path / 'out'}",
-        "--packing=true", "--max_length=64", "--num_train_epochs=1", "--per_device_train_batch_size=1",
+        "--packing=true", "--max_length=128", "--num_train_epochs=1", "--per_device_train_batch_size=1",
         "--logging_steps=1", "--bf16=false", "--gradient_checkpointing=false", "--save_strategy=no",
         "--learning_rate=1e-3",
     ])  # fmt: skip

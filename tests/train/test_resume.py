@@ -36,12 +36,12 @@ def _write_prefs(folder: Path) -> Path:
 
 
 def _dpo(
-    model: Path, data: Path, out: Path, *extra: str, fault: str | None = None
+    model: Path, data: Path, out: Path, *extra: str, fault: str | None = None, save_steps: int = 2
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ, ZEPHYR_FAULT=fault or "")
     cmd = [sys.executable, "-m", "zephyr", "dpo", f"--model_name_or_path={model}", f"--dataset_name={data}",
            f"--output_dir={out}", f"--max_steps={STEPS}", "--per_device_train_batch_size=2", "--learning_rate=1e-3",
-           "--save_steps=2", "--logging_steps=1", "--bf16=false", "--warmup_ratio=0.2", "--seed=3",
+           f"--save_steps={save_steps}", "--logging_steps=1", "--bf16=false", "--warmup_ratio=0.2", "--seed=3",
            "--gradient_checkpointing=false", "--max_length=64", *extra]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -94,10 +94,10 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(setup, tiny_model_dir
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes(setup, tiny_model_dir):
     tmp, data, expected = setup
     out = tmp / "sigterm"
-    stopped = _dpo(tiny_model_dir, data, out, "--save_steps=100", fault="step:3/term")
+    stopped = _dpo(tiny_model_dir, data, out, save_steps=100, fault="step:3/term")
     assert stopped.returncode == 143, stopped.stderr
     assert (out / "checkpoint-3").is_dir()  # not a save step: written because of the signal
-    resumed = _dpo(tiny_model_dir, data, out, "--save_steps=100", "--resume_from_checkpoint=true")
+    resumed = _dpo(tiny_model_dir, data, out, "--resume_from_checkpoint=true", save_steps=100)
     assert resumed.returncode == 0, resumed.stderr
     got = _steps(out)
     for step in range(1, STEPS + 1):

@@ -124,4 +124,5 @@ class PackedSFTCollator:
             "input_ids": pad_right([r["input_ids"] for r in rows], self.pad_token_id),
             "labels": pad_right([r["labels"] for r in rows], -100),
             "position_ids": torch.tensor(positions, dtype=torch.long),
+            "token_count": torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long),
         }

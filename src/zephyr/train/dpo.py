@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from zephyr.errors import ConfigError
 from zephyr.train.checkpoint import fault_point
 from zephyr.train.collate import PreferenceCollator
 from zephyr.train.fused_head import attach_completion_head
@@ -43,6 +44,16 @@ class DPOObjective:
             f_divergence_type=cfg.f_divergence_type,
             use_weighting=cfg.use_weighting,
         )
+        # TRL keys the config accepts that this stage does not implement yet: refused, never silently ignored.
+        for key, is_set in (
+            ("use_weighting", cfg.use_weighting),
+            ("ld_alpha", cfg.ld_alpha is not None),
+            ("sync_ref_model", cfg.sync_ref_model),
+        ):
+            if is_set:
+                raise ConfigError(
+                    f"{key} is not supported by zephyr dpo yet and would be ignored; remove it from the recipe"
+                )
 
     def reference_logps(self, model, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -102,13 +113,14 @@ class DPOObjective:
 # ---------------------------------------------------------------------------------------------- reference cache
 
 
-def _model_identity(name_or_path: str) -> dict:
-    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime)."""
+def _model_identity(name_or_path: str, revision: str | None) -> dict:
+    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime), or
+    for a hub id the id and revision."""
     from zephyr.models import resolve_model
 
     path = Path(resolve_model(name_or_path))
     if not path.is_dir():
-        return {"hub_id": name_or_path}
+        return {"hub_id": name_or_path, "revision": revision}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
     return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
 
@@ -119,7 +131,7 @@ def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
     key = json.dumps(
         {
             "format": REF_CACHE_FORMAT,
-            "model": _model_identity(ref_name),
+            "model": _model_identity(ref_name, cfg.model_revision),
             "data": dataset._fingerprint,
             "max_length": cfg.max_length,
             "truncation_mode": cfg.truncation_mode,

@@ -154,6 +154,16 @@ class MetricsLog:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens of a batch that are not padding (TRL's `num_tokens` counts the attention mask): packed batches carry
+    no attention mask, so their padding is told apart by its label -100 and restarting positions at the end."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    if "token_count" in batch:
+        return batch["token_count"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
 def _diverged(what: str, value: torch.Tensor, step: int, output_dir: Path) -> None:
     from zephyr.errors import ZephyrError
     from zephyr.train.checkpoint import latest_checkpoint
@@ -338,13 +348,7 @@ def train(
                         optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
                 micro += 1
-                tokens = int(
-                    accelerator.gather(
-                        batch["attention_mask"].sum()
-                        if "attention_mask" in batch
-                        else torch.tensor(batch["input_ids"].numel(), device=accelerator.device)
-                    ).sum()
-                )
+                tokens = int(accelerator.gather(real_tokens(batch).reshape(1)).sum())
                 state.total_tokens += tokens
                 window_tokens += tokens
                 window_losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())
@@ -393,10 +397,24 @@ def train(
                     checkpoint()
                 if step >= max_steps:
                     break
-            if stopped_early or state.global_step >= max_steps:
+            if stopped_early:
+                break
+            # ---- end of an epoch (the last one included, even when max_steps ends it exactly there)
+            epoch_done = state.batches_in_epoch >= len(dl)
+            if epoch_done and cfg.eval_strategy == "epoch" and eval_loader is not None:
+                record = {
+                    "step": state.global_step,
+                    "epoch": state.epoch + 1,
+                    **evaluate(accelerator, model, objective, eval_loader),
+                }
+                state.log_history.append(record)
+                log.write(record)
+            if state.global_step >= max_steps:
                 break
             state.epoch += 1
             state.batches_in_epoch = 0
+            if cfg.save_strategy == "epoch":
+                checkpoint()
     if bar is not None:
         bar.close()
     if not stopped_early and eval_loader is not None and cfg.eval_strategy != "no":

@@ -35,17 +35,27 @@ def results_rows(log_history: list[dict], stage: str) -> list[list[str]]:
         last = before[-1] if before else {}
         cells = []
         for _, train_key, eval_key in columns:
-            if train_key == "step":
-                value = ev["step"]
+            # step and epoch: the evaluation's own, when it logged them
+            if train_key in ("step", "epoch") and train_key in ev:
+                value = ev[train_key]
             elif train_key is not None:
                 value = last.get(train_key)
             else:
                 value = ev.get(eval_key)
-            cells.append(
-                "No log" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-            )
+            cells.append(_cell(value))
         rows.append(cells)
     return rows
+
+
+def _cell(value) -> str:
+    """A value as the cards print it: floats with more than 4 decimals rounded to 4, shorter ones as they are
+    (epoch 0.05 stays "0.05"); a missing value is "No log"."""
+    if value is None:
+        return "No log"
+    text = str(value)
+    if isinstance(value, float) and len(text.partition(".")[2]) > 4:
+        return f"{value:.4f}"
+    return text
 
 
 def results_table(log_history: list[dict], stage: str) -> str:

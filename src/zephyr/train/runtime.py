@@ -62,25 +62,49 @@ def load_policy(cfg, tokenizer):
     """The model to train: the recipe's base model, with LoRA adapters when `use_peft`."""
     from zephyr.models import check_vocabulary, load_model
 
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        if not torch.cuda.is_available():
+    quantization = None
+    if cfg.load_in_4bit or cfg.load_in_8bit:  # QLoRA
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bitsandbytes = None
+        if not torch.cuda.is_available() or bitsandbytes is None:
             raise ConfigError(
                 "load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU and bitsandbytes; set them false"
             )
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=cfg.load_in_4bit,
+            load_in_8bit=cfg.load_in_8bit,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16(cfg) else torch.float16,
+        )
     model = load_model(
         cfg.model_name_or_path,
         dtype=cfg.dtype,
         revision=cfg.model_revision,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
+        device_map={"": torch.cuda.current_device()} if quantization is not None else None,
+        quantization_config=quantization,
     )
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     check_vocabulary(model, tokenizer)
     if getattr(cfg, "disable_dropout", False):
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
     model.config.use_cache = False
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def wrap_lora(cfg, model):
@@ -98,7 +122,10 @@ def wrap_lora(cfg, model):
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if getattr(cfg, "disable_dropout", False):
+        disable_dropout(model)  # LoRA's own dropout layers too, as TRL does (it disables after wrapping)
+    return model
 
 
 # The zephyr-7b-alpha card's sampling settings, so its `pipeline(...)` snippet behaves the same on our output.
