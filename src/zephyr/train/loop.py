@@ -244,7 +244,10 @@ def train(
         num_training_steps=max_steps,
         scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside `prepare`: accelerate would step it once per process per optimizer step (it
+    # assumes a schedule sized per process), which decays the rate N times too fast for our global step counts.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if getattr(cfg, "gradient_checkpointing", False):
         accelerator.unwrap_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
