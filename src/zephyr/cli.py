@@ -288,15 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Our own progress bars say what is happening; the libraries' per-map and per-shard bars only add noise."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import datasets
-        import transformers
+    import datasets
+    import transformers
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -241,7 +241,7 @@ def _tokenize_sft_row(row: dict, tokenizer, settings: dict) -> dict:
 
 
 class _NoPromptBeforeAssistant(Exception):
-    pass
+    """A conversation opens with an assistant turn: there is no prompt to render before it."""
 
 
 def _assistant_mask_from_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
