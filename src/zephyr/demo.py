@@ -163,7 +163,7 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
     )
     if final_eval:
         print(
-            f"  after DPO:  reward accuracy {final_eval['eval_rewards/accuracies']:.2f}, "
+            f"  after DPO:  reward accuracy {final_eval['eval_rewards/accuracies']:.3f}, "
             f"margin {final_eval['eval_rewards/margins']:.3f}, loss {final_eval['eval_loss']:.4f}"
         )
     print("instructions followed (checked by program), greedy answers to held-out prompts:")
