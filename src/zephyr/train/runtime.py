@@ -33,6 +33,32 @@ def use_bf16(cfg) -> bool:
     return cpu_has_fast_bf16()
 
 
+def report_trackers(report_to: list[str] | None) -> list[str]:
+    """The `report_to` trackers this environment can run. The local metrics.jsonl is always written; a tracker that
+    accelerate supports but that is not installed is left out with a message rather than failing the run."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    wanted = [t for t in (report_to or []) if t != "none"]
+    if "all" in wanted:
+        return [str(t) for t in get_available_trackers()]
+    supported = {str(t) for t in LoggerType}
+    unsupported = [t for t in wanted if t not in supported]
+    if unsupported:
+        raise ConfigError(
+            f"report_to: {', '.join(unsupported)} is not a tracker accelerate can drive; use one of "
+            f"{', '.join(sorted(supported - {'all'}))}, or none"
+        )
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in wanted if t not in available]
+    if missing:
+        print(
+            f"report_to: {', '.join(missing)} not installed; logging to metrics.jsonl only for those "
+            f"(pip install {' '.join(missing)})"
+        )
+    return [t for t in wanted if t in available]
+
+
 def make_accelerator(cfg):
     from datetime import timedelta
 
@@ -40,7 +66,7 @@ def make_accelerator(cfg):
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
     mixed = "bf16" if use_bf16(cfg) else ("fp16" if cfg.fp16 else "no")
-    trackers = [t for t in (cfg.report_to or []) if t not in ("none",)]
+    trackers = report_trackers(cfg.report_to)
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
