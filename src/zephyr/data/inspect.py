@@ -98,12 +98,12 @@ def inspect(
     sample: int = 2000,
     seed: int = 0,
 ) -> str:
-    from zephyr.data.prepare import reason_lines
+    from zephyr.data.prepare import chat_tokenizer, reason_lines
     from zephyr.data.schemas import SCHEMAS, load_split
     from zephyr.data.sources import iter_records, list_splits
-    from zephyr.data.templates import apply_chat_template_setting, with_empty_system_messages
+    from zephyr.data.templates import with_empty_system_messages
     from zephyr.data.tokenize import masked_segments, tokenize_preferences, tokenize_sft
-    from zephyr.models import EMBEDDED_MODEL, load_tokenizer
+    from zephyr.models import EMBEDDED_MODEL
 
     if max_length is not None and max_length < 1:
         raise ConfigError(f"--max-length must be a positive number of tokens, not {max_length}")
@@ -131,10 +131,7 @@ def inspect(
         kind = SCHEMAS[detected].kind
         settings = _settings(recipe, kind, model=model, chat_template=chat_template, max_length=max_length)
         if tokenizer is None:
-            tokenizer = load_tokenizer(settings.model or EMBEDDED_MODEL)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            apply_chat_template_setting(tokenizer, settings.chat_template)
+            tokenizer = chat_tokenizer(settings.model or EMBEDDED_MODEL, settings.chat_template)
         out.append(f"\nsplit {name}: {len(ds)} rows, schema {detected} ({kind})")
         if len(rejects):
             out.append(

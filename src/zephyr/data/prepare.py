@@ -75,18 +75,30 @@ def load_recipe_data(cfg, *, stage: str, rejects: Rejects) -> datasets.DatasetDi
     )
 
 
-def load_recipe_tokenizer(cfg):
+def chat_tokenizer(
+    name_or_path: str | None,
+    chat_template: str | None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The tokenizer of NAME_OR_PATH with the chat template setting applied and a pad token (eos when it has none)."""
     from zephyr.data.templates import apply_chat_template_setting
     from zephyr.models import load_tokenizer
 
-    tokenizer = load_tokenizer(
+    tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return apply_chat_template_setting(tokenizer, chat_template)
+
+
+def load_recipe_tokenizer(cfg):
+    return chat_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        cfg.chat_template,
         revision=cfg.model_revision,
         trust_remote_code=cfg.trust_remote_code,
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return apply_chat_template_setting(tokenizer, cfg.chat_template)
 
 
 def tokenize_split(ds: datasets.Dataset, cfg, *, stage: str, tokenizer, rejects: Rejects) -> datasets.Dataset:

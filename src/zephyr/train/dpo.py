@@ -203,7 +203,7 @@ def run_dpo(cfg, *, progress: bool = True):
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.models import load_model
     from zephyr.train.loop import train
-    from zephyr.train.runtime import load_policy, make_accelerator, save_final, wrap_lora
+    from zephyr.train.runtime import finish, load_policy, make_accelerator, wrap_lora
 
     # ---- setup
     accelerator = make_accelerator(cfg)
@@ -275,15 +275,4 @@ def run_dpo(cfg, *, progress: bool = True):
     )
 
     # ---- save
-    if not result.stopped_early:
-        save_final(
-            accelerator,
-            result.model,
-            tokenizer,
-            cfg,
-            base_model=cfg.model_name_or_path,
-            log_history=result.state.log_history,
-            extra={"reference_model": ref_name},
-        )
-    accelerator.end_training()
-    return result
+    return finish(accelerator, result, tokenizer, cfg, extra={"reference_model": ref_name})

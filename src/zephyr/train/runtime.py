@@ -232,3 +232,20 @@ def save_final(
     staging.rmdir()
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
+    """End a stage: write the model folder unless a signal stopped the run (its checkpoint is what to resume from),
+    then close the trackers."""
+    if not result.stopped_early:
+        save_final(
+            accelerator,
+            result.model,
+            tokenizer,
+            cfg,
+            base_model=cfg.model_name_or_path,
+            log_history=result.state.log_history,
+            extra=extra,
+        )
+    accelerator.end_training()
+    return result

@@ -39,7 +39,7 @@ def run_sft(cfg, *, progress: bool = True):
 
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.train.loop import train
-    from zephyr.train.runtime import load_policy, make_accelerator, save_final, wrap_lora
+    from zephyr.train.runtime import finish, load_policy, make_accelerator, wrap_lora
 
     # ---- setup and data
     accelerator = make_accelerator(cfg)
@@ -83,14 +83,4 @@ def run_sft(cfg, *, progress: bool = True):
         eval_collate=SFTCollator(pad_token_id=tokenizer.pad_token_id),
         progress=progress,
     )
-    if not result.stopped_early:
-        save_final(
-            accelerator,
-            result.model,
-            tokenizer,
-            cfg,
-            base_model=cfg.model_name_or_path,
-            log_history=result.state.log_history,
-        )
-    accelerator.end_training()
-    return result
+    return finish(accelerator, result, tokenizer, cfg)
