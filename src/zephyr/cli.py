@@ -7,6 +7,10 @@
     zephyr data clean-ultrachat RAW --output OUT.jsonl
     zephyr data inspect PATH_OR_ID [--recipe R]  # schema, counts, token lengths, one rendered example
     zephyr data prepare --config R               # load, mix, validate and tokenize a recipe's data (cached)
+    zephyr sft|dpo --config R [--key value ...]  # the two training stages
+    zephyr chat [--model DIR]                    # streaming terminal chat
+    zephyr generate --input IN.jsonl --output OUT.jsonl [--model DIR]
+    zephyr eval prefs|demo ...                   # held-out preference metrics; the demo's checked pass rate
 
 A user mistake raises `ZephyrError`; it is printed as one line and the exit status is 2.
 """
@@ -130,6 +134,97 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from zephyr.demo import run_demo
 
     return run_demo(output_dir=args.output_dir, data_dir=args.data_dir, quick=args.quick)
+
+
+def _engine(args: argparse.Namespace):
+    from zephyr.engine import Engine
+
+    return Engine.load(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+
+
+def _sampling(engine, args: argparse.Namespace):
+    return engine.sampling(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+
+def cmd_chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.chat import chat_loop
+
+    engine = _engine(args)
+    return chat_loop(engine, _sampling(engine, args), system=args.system)
+
+
+def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.generate import generate_file, read_prompts
+
+    read_prompts(args.input)  # a bad row stops here, before the model loads
+    engine = _engine(args)
+    counts = generate_file(
+        engine, args.input, args.output, _sampling(engine, args), batch_size=args.batch_size
+    )
+    print(
+        f"{counts['generated']} answered, {counts['skipped']} already in {args.output}; {counts['total']} rows"
+    )
+    return 0
+
+
+def cmd_eval_prefs(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import json
+
+    from zephyr.eval.prefs import eval_prefs
+
+    result = eval_prefs(
+        args.model,
+        ref_model=args.ref_model,
+        data=args.data,
+        split=args.split,
+        beta=args.beta,
+        loss_type=args.loss_type,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        schema=args.schema,
+        output=args.output,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_eval_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.eval.demo import eval_demo
+
+    result = eval_demo(args.model, data_dir=args.data, limit=args.limit)
+    print(
+        f"{args.model or EMBEDDED_MODEL} follows {100 * result['pass_rate']:.1f}% of {result['prompts']} "
+        f"held-out instructions ({result['passed']} passed the checker)"
+    )
+    return 0
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"model folder or hub id (default: {EMBEDDED_MODEL})")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, saved on CPU)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation config)")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling mass (default: generation config)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation config)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: generation config, else 256")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -281,6 +376,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "keys", cmd_keys, "list every recipe key of a stage with its type and default")
     p.add_argument("stage", choices=["sft", "dpo"])
+
+    # using a model
+    p = command(
+        commands,
+        "chat",
+        cmd_chat,
+        "chat with a model in the terminal, answers streamed",
+        "A terminal chat with the model's chat template and sampling defaults. At the prompt: /reset, "
+        "/system TEXT, /exit. Ctrl-C stops the current answer, Ctrl-D quits.",
+    )
+    _add_model_arguments(p)
+    _add_sampling_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = command(
+        commands,
+        "generate",
+        cmd_generate,
+        "answers for a JSONL file of prompts or conversations (batched, resumable)",
+        "Each input line has `prompt` (a string) or `messages` (a conversation ending with a user turn), and "
+        "optionally `id` and `system`. Each output line is the input row plus `answer`, `finish_reason` and "
+        "token counts. Rows already in the output are skipped, so a rerun continues an interrupted job.",
+    )
+    _add_model_arguments(p)
+    _add_sampling_arguments(p)
+    p.add_argument("--input", required=True, metavar="IN.jsonl")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+
+    evaluation = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
+    eval_cmds = evaluation.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+    p = command(
+        eval_cmds,
+        "prefs",
+        cmd_eval_prefs,
+        "DPO eval metrics (rewards, margins, accuracy, loss) on held-out preference pairs",
+        "The metrics DPO training logs as eval_*, with the same definitions, for MODEL against a reference "
+        "(default: the reference the run recorded in zephyr_run.json).",
+    )
+    p.add_argument("--model", required=True, help="the trained model folder")
+    p.add_argument("--ref-model", default=None, help="reference model (default: the run's recorded one)")
+    p.add_argument("--data", required=True, help="preference data: local file or folder, or a hub id")
+    p.add_argument("--split", default="test_prefs", help="split to score (default: test_prefs)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default: 0.1)")
+    p.add_argument("--loss-type", default="sigmoid", help="loss to report (default: sigmoid)")
+    p.add_argument("--max-length", type=int, default=None, help="default: the DPO default, 1024")
+    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--schema", default=None, help="override the detected data schema")
+    p.add_argument("--output", default=None, metavar="metrics.json", help="also write the metrics here")
+
+    p = command(
+        eval_cmds,
+        "demo",
+        cmd_eval_demo,
+        "share of held-out demo instructions a model follows, checked by program",
+    )
+    p.add_argument("--model", default=None, help=f"model folder or hub id (default: {EMBEDDED_MODEL})")
+    p.add_argument("--data", default="data/demo", help="demo data folder (default: data/demo)")
+    p.add_argument("--limit", type=int, default=48, help="number of held-out prompts (default: 48)")
 
     return parser
 

@@ -42,52 +42,9 @@ def _run(args: list[str]) -> None:
         )
 
 
-def checkable_prompts(data_dir: Path, limit: int) -> list[str]:
-    from zephyr.data.demo import is_checkable
-
-    prompts = []
-    with open(data_dir / "ultrafeedback" / "test_prefs.jsonl") as f:
-        for line in f:
-            prompt = json.loads(line)["instruction"]
-            if is_checkable(prompt):
-                prompts.append(prompt)
-            if len(prompts) >= limit:
-                break
-    return prompts
-
-
-def win_rate(model_dir: str, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 16) -> float:
-    """Share of PROMPTS whose greedy answer passes `zephyr.data.demo.check`."""
-    import torch
-
-    from zephyr.data.demo import check
-    from zephyr.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(model_dir).eval()
-    passed = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in chunk
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        for prompt, ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
-            passed += check(prompt, tokenizer.decode(ids, skip_special_tokens=True))
-    return passed / max(len(prompts), 1)
-
-
 def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", quick: bool = False) -> int:
+    from zephyr.engine import Engine
+    from zephyr.eval.demo import checkable_prompts, pass_rate
     from zephyr.models import EMBEDDED_MODEL
 
     start = time.perf_counter()
@@ -142,7 +99,7 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
     prompts = checkable_prompts(data, 8 if quick else 48)
     rates = {}
     for name, model in (("base", EMBEDDED_MODEL), ("sft", str(sft_dir)), ("dpo", str(dpo_dir))):
-        rates[name] = win_rate(model, prompts)
+        rates[name] = pass_rate(Engine.load(model), prompts)
         print(
             f"  {name:5s} {model:40s} follows {100 * rates[name]:5.1f}% of {len(prompts)} instructions",
             flush=True,

@@ -217,6 +217,13 @@ def save_final(
         "zephyr_version": __version__,
         "stage": cfg.stage,
         "base_model": base_model,
+        "num_processes": accelerator.num_processes,
+        "total_train_batch_size": cfg.per_device_train_batch_size
+        * cfg.gradient_accumulation_steps
+        * accelerator.num_processes,
+        "total_eval_batch_size": cfg.per_device_eval_batch_size * accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "framework_versions": framework_versions(),
         "config": config_to_dict(cfg),
         "log_history": log_history,
         **(extra or {}),
@@ -232,6 +239,19 @@ def save_final(
     staging.rmdir()
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the libraries a run depends on, as the card's "Framework versions" lists them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("zephyr", "transformers", "torch", "accelerate", "datasets", "tokenizers", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):

@@ -1,0 +1,142 @@
+"""`zephyr eval prefs`: DPO's eval metrics on held-out preference pairs, for any trained model.
+
+    zephyr eval prefs --model outputs/dpo --data data/demo/ultrafeedback --split test_prefs --output prefs.json
+
+The numbers are training's eval metrics (`eval_loss`, `eval_rewards/accuracies`, ... in TRL's definitions and
+reductions) without the `eval_` prefix: the same data pipeline, objective and `evaluate` the DPO loop runs, so a
+run's last eval and this command agree when given the same model, reference, data and settings. The reference is
+the one the run recorded (a DPO run's `reference_model`, else its base model) unless `--ref-model` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from zephyr.errors import ZephyrError
+
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+def recorded_reference(model: str) -> str:
+    """The reference model a run's rewards are measured against: what MODEL's `zephyr_run.json` recorded."""
+    record_file = Path(model) / "zephyr_run.json"
+    if not record_file.is_file():
+        raise ZephyrError(
+            f"{model} has no zephyr_run.json, so its reference model is unknown; pass --ref-model (the model "
+            f"DPO started from, e.g. the SFT output)"
+        )
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ZephyrError(f"{record_file} is not valid JSON ({err}); pass --ref-model") from err
+    reference = record.get("reference_model") or record.get("base_model")
+    if not reference:
+        raise ZephyrError(f"{record_file} names no base or reference model; pass --ref-model")
+    return reference
+
+
+def eval_prefs(
+    model: str,
+    *,
+    data: str,
+    ref_model: str | None = None,
+    split: str = "test_prefs",
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    batch_size: int = 8,
+    schema: str | None = None,
+    output: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """DPO eval metrics of MODEL against REF_MODEL on DATA's SPLIT; written to OUTPUT as JSON when given."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from zephyr.config import load_config
+    from zephyr.data.prepare import prepare
+    from zephyr.models import load_model
+    from zephyr.train.collate import PreferenceCollator
+    from zephyr.train.dpo import DPOObjective
+    from zephyr.train.fused_head import attach_completion_head
+    from zephyr.train.loop import evaluate
+    from zephyr.train.runtime import make_accelerator
+
+    reference = ref_model or recorded_reference(model)
+    with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as scratch:
+        overrides = {
+            "model_name_or_path": model,
+            "ref_model_name_or_path": reference,
+            "dataset_name": data,
+            # the split to score is read as the "train" split of a one-split load; nothing is trained
+            "dataset_train_split": split,
+            "dataset_test_split": split,
+            "beta": beta,
+            "loss_type": [loss_type],
+            "per_device_eval_batch_size": batch_size,
+            "output_dir": scratch,
+            "bf16": False,
+        }
+        if max_length is not None:
+            overrides["max_length"] = max_length
+        if max_prompt_length is not None:
+            overrides["max_prompt_length"] = max_prompt_length
+        if schema is not None:
+            overrides["schema"] = schema
+        cfg = load_config("dpo", None, [f"--{k}={_cli_value(v)}" for k, v in overrides.items()])
+        accelerator = make_accelerator(cfg)
+        objective_check = DPOObjective(cfg, accelerator)  # refuse a bad loss before loading models
+        del objective_check
+        from zephyr.data.prepare import load_recipe_tokenizer
+
+        tokenizer = load_recipe_tokenizer(cfg)
+        pairs = prepare(cfg, stage="dpo", tokenizer=tokenizer).train
+        policy, ref = (
+            load_model(name, dtype=cfg.dtype).eval().requires_grad_(False) for name in (model, reference)
+        )
+        for m in (policy, ref):
+            attach_completion_head(m)
+        policy, ref = (
+            accelerator.prepare_model(policy, evaluation_mode=True),
+            accelerator.prepare_model(ref, evaluation_mode=True),
+        )
+        collate = PreferenceCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=cfg.max_length,
+            truncation_mode=cfg.truncation_mode,
+        )
+        loader = accelerator.prepare_data_loader(
+            DataLoader(pairs, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        )
+        if progress and accelerator.is_main_process:
+            loader = tqdm(loader, desc=f"scoring {len(pairs)} pairs", unit="batch")
+        with torch.no_grad():
+            metrics = evaluate(accelerator, policy, DPOObjective(cfg, accelerator, ref_model=ref), loader)
+    result = {key: metrics[f"eval_{key}"] for key in METRIC_KEYS}
+    result["pairs"] = len(pairs)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(
+            json.dumps(
+                {**result, "model": model, "ref_model": reference, "data": data, "split": split}, indent=1
+            )
+        )
+    return result
+
+
+def _cli_value(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)

@@ -1,0 +1,136 @@
+"""`zephyr generate`: answers for a file of prompts or conversations, batched, resumable.
+
+    zephyr generate --input prompts.jsonl --output answers.jsonl [--model outputs/dpo] [--batch-size 8]
+
+Each input line is a JSON object with `prompt` (a string: one user turn) or `messages` (a conversation ending with a
+user turn), and optionally `id` and `system`; other fields are carried to the output unchanged. Each output line is
+the input row plus `answer`, `finish_reason`, `prompt_tokens`, `completion_tokens` and `model`. Rows are keyed by
+`id` (rows without one get `line-N` as their output id): a rerun skips rows already in
+the output file, so an interrupted job continues where it stopped. Every row is checked before any generation starts; a bad one stops the run naming its line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from zephyr.engine import Engine, Request, RequestError, SamplingParams
+from zephyr.errors import DataError
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, int, dict, list[dict]]]:
+    """(key, line number, row, messages) for every line of PATH; a DataError naming the line and field for a bad one."""
+    from zephyr.engine import check_messages
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("the input file does not exist", file=str(path))
+    rows = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"not valid UTF-8 ({err.reason} at byte {err.start})", file=str(path)) from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+
+        def bad(reason: str, field: str | None = None, n: int = number) -> DataError:
+            return DataError(reason, file=str(path), row=n, field=field)
+
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise bad(f"not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise bad("a line must be a JSON object with `prompt` or `messages`")
+        if ("prompt" in row) == ("messages" in row):
+            raise bad("give exactly one of `prompt` (a string) or `messages` (a list of {role, content})")
+        if "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise bad("must be a non-empty string", "prompt")
+            messages = [{"role": "user", "content": row["prompt"]}]
+        else:
+            try:
+                messages = check_messages(row["messages"])
+            except RequestError as err:
+                raise bad(str(err), err.param) from None
+            if messages[-1]["role"] != "user":
+                raise bad("the conversation must end with a user turn to answer", "messages")
+        if "system" in row:
+            if not isinstance(row["system"], str):
+                raise bad("must be a string", "system")
+            messages = [{"role": "system", "content": row["system"]}, *messages]
+        key = str(row["id"]) if "id" in row else f"line-{number}"
+        if key in seen:
+            raise bad(f"id {key!r} is also used on line {seen[key]}; ids must be unique", "id")
+        seen[key] = number
+        rows.append((key, number, row, messages))
+    return rows
+
+
+def finished_keys(output: Path) -> set[str]:
+    """Keys of rows already answered in OUTPUT. A last line cut short by a crash is removed (it will be redone)."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        print(f"{output}: the last line was cut short by an interrupted run; it will be generated again")
+        with open(output, "r+b") as f:
+            f.truncate(len(keep))
+    keys = set()
+    for line in keep.decode("utf-8").splitlines():
+        if line.strip():
+            keys.add(str(json.loads(line)["id"]))
+    return keys
+
+
+def generate_file(
+    engine: Engine,
+    input_path: str,
+    output_path: str,
+    params: SamplingParams,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Answer every row of INPUT_PATH not yet in OUTPUT_PATH; returns counts of rows done now and skipped."""
+    from tqdm.auto import tqdm
+
+    rows = read_prompts(input_path)
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done_before = finished_keys(output)
+    todo = [r for r in rows if r[0] not in done_before]
+    prompts = []
+    for _, number, _, messages in todo:  # every prompt must fit before any is answered
+        try:
+            prompts.append(engine.encode_chat(messages))
+        except RequestError as err:
+            raise DataError(str(err), file=input_path, row=number, field="messages") from None
+    bar = tqdm(
+        total=len(rows), initial=len(rows) - len(todo), desc="generating", unit="row", disable=not progress
+    )
+    with open(output, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            requests = [Request(ids, params) for ids in prompts[start : start + batch_size]]
+            for (key, _, row, _), done in zip(batch, engine.run(requests), strict=True):
+                record = {
+                    "id": key if "id" not in row else row["id"],
+                    **row,
+                    "answer": done.text,
+                    "finish_reason": done.finish_reason,
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "model": engine.name,
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # a finished batch survives a crash of the next one
+            bar.update(len(batch))
+    bar.close()
+    return {"generated": len(todo), "skipped": len(rows) - len(todo), "total": len(rows)}
