@@ -385,3 +385,56 @@ def test_a_bad_recipe_fails_before_any_model_loads(
     with pytest.raises(ConfigError, match=message):
         run_dpo(_config("dpo", tiny_model_dir, prefs, tmp_path / "bad", *extra), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_sft_gradient_accumulation_gives_the_one_big_batch_step(tmp_path, tiny_model_dir):
+    """2 micro-batches of 2 rows with accumulation = 1 batch of 4 rows: the loss is the token mean over all 4 rows
+    (Trainer's num_items_in_batch), not the mean of two per-micro-batch means, and so are the gradient and the
+    update. The rows have different numbers of assistant tokens, so the two definitions differ here."""
+    from safetensors.torch import load_file
+
+    from zephyr.data.prepare import prepare
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    chat = tmp_path / "chat"  # the first micro-batch's rows are two exchanges long, the second's one
+    _jsonl(chat / "train.jsonl", [_dialogue(i) for i in (0, 3, 1, 2)])
+    # Random init predicts nearly uniformly, making every token's loss about log(vocab) and both definitions agree:
+    # sharpen the output layer so that tokens' losses differ.
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(30)
+    tiny_model_dir = tmp_path / "sharp"
+    model.save_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(tiny_model_dir)
+    big = _sft(
+        tiny_model_dir,
+        chat,
+        tmp_path / "big",
+        "--max_steps=1",
+        "--per_device_train_batch_size=4",
+        "--max_length=256",
+    )
+    acc = _sft(
+        tiny_model_dir, chat, tmp_path / "acc", "--max_steps=1", "--per_device_train_batch_size=2",
+        "--gradient_accumulation_steps=2", "--max_length=256",
+    )  # fmt: skip
+    (b,), (a,) = _steps(big.state.log_history), _steps(acc.state.log_history)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+    data = prepare(_config("sft", tiny_model_dir, chat, tmp_path / "big", "--max_length=256"), stage="sft")
+    rows, pad = data.train.select(range(4)).to_list(), data.tokenizer.pad_token_id
+    assert len(set(sum(label != -100 for label in r["labels"]) for r in rows)) > 1
+    micro_means = (_hf_loss(tiny_model_dir, rows[:2], pad) + _hf_loss(tiny_model_dir, rows[2:], pad)) / 2
+    assert abs(micro_means - b["loss"]) > 1e-4  # the old definition would have been caught
+    assert a["loss"] == pytest.approx(_hf_loss(tiny_model_dir, rows, pad), rel=1e-5)
+
+    wa, wb = (
+        load_file(tmp_path / "acc" / "model.safetensors"),
+        load_file(tmp_path / "big" / "model.safetensors"),
+    )
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)

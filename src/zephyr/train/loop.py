@@ -9,7 +9,10 @@ Step, learning-rate and epoch bookkeeping follow transformers' Trainer, so that 
 - update steps per epoch = ceil(batches / gradient_accumulation_steps); total = max_steps or epochs x that;
 - warmup = warmup_steps, else ceil(warmup_ratio x total);
 - the logged `learning_rate` is the rate the step used; `grad_norm` is the norm before clipping;
-- `loss` is the mean of the micro-batch losses since the last log.
+- `loss` is the mean over the steps since the last log of each step's loss: the mean of its micro-batch losses,
+  or, for an objective that sets `normalize_over_window` (SFT), its labelled-token sum over the token count of the
+  whole accumulation window on all processes -- Trainer's `num_items_in_batch`, so that gradient accumulation and
+  data parallelism give the gradient of one big batch instead of a mean of per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -190,6 +193,9 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
     with torch.no_grad():
         for batch in dataloader:
             loss, metrics = objective(model, batch)
+            metrics.pop(
+                "_items", None
+            )  # eval loss is per batch, weighted by its size, as Trainer's eval loop
             n = batch["input_ids"].shape[0]
             n = (
                 n // 2 if "completion_mask" in batch else n
@@ -203,6 +209,19 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
     out = {"eval_loss": loss_sum / max(count, 1)}
     out.update({f"eval_{k}": v for k, v in _mean_metrics(window).items()})
     return out
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed keeps the gradients inside its engine, out of reach of `_scale_gradients`: per-micro-batch means.
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 def train(
@@ -314,7 +333,10 @@ def train(
         )
 
     window: dict[str, list[float]] = defaultdict(list)
-    window_losses: list[float] = []
+    window_losses: list[float] = []  # one per optimizer step since the last log
+    micro_losses: list[float] = []  # the current step's micro-batches
+    step_nll, step_items = 0.0, 0.0  # the current step's labelled-token loss sum and count, all processes
+    windowed = getattr(objective, "normalize_over_window", False) and not _is_deepspeed(accelerator)
     window_tokens, window_start = 0, time.perf_counter()
     stopped_early = False
 
@@ -335,12 +357,28 @@ def train(
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss, metrics = objective(model, batch)
+                    items = metrics.pop("_items", None)
                     if not torch.isfinite(loss.detach()).all():
                         _diverged("loss", loss, state.global_step + 1, output_dir)
-                    accelerator.backward(loss)
+                    if windowed:
+                        # Backpropagate the token sum (accelerate divides by the accumulation steps: undone here);
+                        # the gradients are divided by the window's token count once it is known, at the step.
+                        accelerator.backward(loss * items * accelerator.gradient_accumulation_steps)
+                        sums = accelerator.gather(
+                            torch.stack([loss.detach().float() * items, loss.new_tensor(items)])
+                        )
+                        step_nll += float(sums.reshape(-1, 2)[:, 0].sum())
+                        step_items += float(sums.reshape(-1, 2)[:, 1].sum())
+                    else:
+                        accelerator.backward(loss)
+                        micro_losses.append(
+                            accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+                        )
                     grad_norm = None
                     if accelerator.sync_gradients:
                         fault_point(f"step:{state.global_step + 1}")
+                        if windowed:  # DDP averaged the gradients over processes: the count is of all of them
+                            _scale_gradients(model, accelerator.num_processes / max(step_items, 1.0))
                         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                             if not torch.isfinite(grad_norm).all():
@@ -354,11 +392,16 @@ def train(
                 tokens = int(accelerator.gather(real_tokens(batch).reshape(1)).sum())
                 state.total_tokens += tokens
                 window_tokens += tokens
-                window_losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())
                 for k, v in metrics.items():
                     window[k].append(v)
                 if not accelerator.sync_gradients:
                     continue
+                if windowed:
+                    window_losses.append(step_nll / max(step_items, 1.0))
+                    step_nll, step_items = 0.0, 0.0
+                else:
+                    window_losses.append(sum(micro_losses) / len(micro_losses))
+                    micro_losses.clear()
 
                 # ---- one optimizer step done
                 state.global_step += 1

@@ -4,8 +4,9 @@
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m zephyr sft --config recipes/zephyr-7b-beta/sft.yaml
 
 Sections: setup -> data (optionally packed) -> model -> loop -> save. The loss is the cross-entropy of the labelled
-tokens (assistant tokens by default, every token with `assistant_only_loss: false`), averaged over the labelled
-tokens of the micro-batch as transformers' causal-LM loss is, computed through the chunked LM head.
+tokens (assistant tokens by default, every token with `assistant_only_loss: false`), computed through the chunked LM
+head and averaged over the labelled tokens of the whole accumulation window on all processes, as transformers'
+Trainer does with `num_items_in_batch`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from zephyr.train.fused_head import attach_completion_head
 
 class SFTObjective:
     """`(model, batch) -> (loss, metrics)`; metrics as TRL's SFTTrainer logs them (token-weighted)."""
+
+    # The loop divides the token-sum gradient by the labelled tokens of the whole accumulation window (see loop.py).
+    normalize_over_window = True
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -31,7 +35,7 @@ class SFTObjective:
             "mean_token_accuracy": gather(out.top1_counts.float().sum().reshape(1)).sum() / total,
             "entropy": gather(out.entropy_sum.float().sum().reshape(1)).sum() / total,
         }
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, {**{k: float(v) for k, v in metrics.items()}, "_items": float(tokens)}
 
 
 def run_sft(cfg, *, progress: bool = True):
