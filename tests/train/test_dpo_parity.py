@@ -42,15 +42,19 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def parity_runs(tmp_path_factory, tiny_model_dir):
+# Settings beyond plain DPO whose numbers TRL defines: LD-DPO's length-desensitised log-probs and WPO's weights.
+VARIANTS = {"dpo": {}, "ld_alpha": {"ld_alpha": 0.5}, "wpo": {"use_weighting": True}}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def parity_runs(request, tmp_path_factory, tiny_model_dir):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from zephyr.config import load_config
     from zephyr.train.dpo import run_dpo
 
-    tmp = tmp_path_factory.mktemp("parity")
+    tmp = tmp_path_factory.mktemp(f"parity-{request.param}")
     train_rows, test_rows = _rows(16), _rows(6, offset=100)
     data_dir = tmp / "prefs"
     data_dir.mkdir()
@@ -71,6 +75,7 @@ def parity_runs(tmp_path_factory, tiny_model_dir):
         lr_scheduler_type="linear",
         weight_decay=0.0,
         max_grad_norm=1.0,
+        **VARIANTS[request.param],
     )
     trl_args = DPOConfig(
         output_dir=str(tmp / "trl"),
@@ -108,6 +113,8 @@ def parity_runs(tmp_path_factory, tiny_model_dir):
         for r in trainer.train_dataset
     )
     assert longest > common["max_length"], "the data should exercise truncation"
+    if request.param == "wpo":  # the weights are < 1, so even the first step (policy = reference) shows them
+        assert ours[0]["loss"] < math.log(2) - 1e-3
     return trl_steps, ours, trl_eval, our_eval
 
 

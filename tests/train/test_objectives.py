@@ -496,3 +496,18 @@ def test_metrics_reduce_across_processes_like_trl():
     assert metrics["mean_token_accuracy"].item() == pytest.approx(3 / 4)
     # here pair 1 wins, pair 2 ties (a tie is not a win), pair 3 loses; the other process's three are all "1"
     assert metrics["rewards/accuracies"].item() == pytest.approx(4 / 6)
+
+
+def test_pair_logps_applies_ld_alpha_to_the_tail_past_the_shorter_completion():
+    """chosen tokens (log-probs) -1, -2, -3 (3 completion tokens), rejected -1, -1 (2): shared length 2.
+    ld_alpha 0.5: chosen = -1 - 2 + 0.5 x -3 = -4.5, rejected = -2; without ld_alpha the plain sums -6 and -2."""
+    from zephyr.train.dpo import pair_logps
+    from zephyr.train.logprobs import SequenceLogps
+
+    labels = torch.tensor([[0, 5, 5, 5], [0, 5, 5, -100]])  # position 0 is never scored (shifted)
+    token_logps = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    out = SequenceLogps(logps=token_logps.sum(1), token_logps=token_logps, token_counts=torch.tensor([3, 2]))
+    chosen, rejected = pair_logps(out, labels, 0.5)
+    assert chosen.tolist() == [-4.5] and rejected.tolist() == [-2.0]
+    chosen, rejected = pair_logps(out, labels, None)
+    assert chosen.tolist() == [-6.0] and rejected.tolist() == [-2.0]

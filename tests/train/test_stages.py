@@ -368,10 +368,10 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_
         # accepted by the config's ranges, refused by the loss itself (it divides by 1 - 2 label_smoothing)
         (["--loss_type=robust", "--label_smoothing=0.5"], "label_smoothing"),
         # TRL keys the stage does not implement: refused rather than silently ignored
-        (["--use_weighting=true"], "use_weighting is not supported"),
-        (["--ld_alpha=0.5"], "ld_alpha is not supported"),
+        (["--sync_ref_model=true"], "sync_ref_model is not supported"),
+        (["--use_weighting=true", "--loss_type=aot"], "use_weighting"),
     ],
-    ids=["prompt-fills-max_length", "unknown-loss_type", "robust-at-0.5", "use_weighting", "ld_alpha"],
+    ids=["prompt-fills-max_length", "unknown-loss_type", "robust-at-0.5", "sync_ref_model", "wpo-with-aot"],
 )
 def test_a_bad_recipe_fails_before_any_model_loads(
     tmp_path, tiny_model_dir, prefs, monkeypatch, extra, message
@@ -438,3 +438,24 @@ def test_sft_gradient_accumulation_gives_the_one_big_batch_step(tmp_path, tiny_m
     )
     for name in wb:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ld_alpha_precomputed_reference_matches_the_frozen_one(tmp_path, tiny_model_dir, prefs, cache):
+    """LD-DPO weights the reference's log-probs too: the precomputed cache (keyed by ld_alpha) must hold the weighted
+    ones, so both paths train identically, and differently from plain DPO."""
+    frozen = _dpo(tiny_model_dir, prefs, tmp_path / "frozen", "--max_steps=2", "--ld_alpha=0.3")
+    pre = _dpo(
+        tiny_model_dir,
+        prefs,
+        tmp_path / "pre",
+        "--max_steps=2",
+        "--ld_alpha=0.3",
+        "--precompute_ref_log_probs=true",
+    )
+    plain = _dpo(tiny_model_dir, prefs, tmp_path / "plain", "--max_steps=2")
+    want, got, base = (_steps(r.state.log_history) for r in (frozen, pre, plain))
+    for a, b in zip(want, got, strict=True):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert abs(want[-1]["logps/rejected"] - base[-1]["logps/rejected"]) > 1e-3

@@ -24,7 +24,13 @@ from zephyr.errors import ConfigError
 from zephyr.train.checkpoint import fault_point
 from zephyr.train.collate import PreferenceCollator
 from zephyr.train.fused_head import attach_completion_head
-from zephyr.train.objectives import check_loss_config, dpo_loss, preference_metrics
+from zephyr.train.objectives import (
+    check_loss_config,
+    dpo_loss,
+    length_desensitised_logps,
+    preference_metrics,
+    wpo_weights,
+)
 
 REF_CACHE_FORMAT = 1
 
@@ -44,16 +50,11 @@ class DPOObjective:
             f_divergence_type=cfg.f_divergence_type,
             use_weighting=cfg.use_weighting,
         )
-        # TRL keys the config accepts that this stage does not implement yet: refused, never silently ignored.
-        for key, is_set in (
-            ("use_weighting", cfg.use_weighting),
-            ("ld_alpha", cfg.ld_alpha is not None),
-            ("sync_ref_model", cfg.sync_ref_model),
-        ):
-            if is_set:
-                raise ConfigError(
-                    f"{key} is not supported by zephyr dpo yet and would be ignored; remove it from the recipe"
-                )
+        # A TRL key the config accepts that this stage does not implement yet: refused, never silently ignored.
+        if cfg.sync_ref_model:
+            raise ConfigError(
+                "sync_ref_model is not supported by zephyr dpo yet and would be ignored; remove it from the recipe"
+            )
 
     def reference_logps(self, model, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -71,7 +72,7 @@ class DPOObjective:
             else:  # LoRA: the reference is the base model, adapters off
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     ref = model(**inputs)
-        return ref.logps.chunk(2)
+        return pair_logps(ref, labels, self.cfg.ld_alpha)
 
     def __call__(self, model, batch):
         cfg = self.cfg
@@ -81,15 +82,22 @@ class DPOObjective:
             attention_mask=batch["attention_mask"],
             completion_labels=labels,
             with_metrics=True,
+            with_wpo=cfg.use_weighting,
         )
         chosen, rejected = policy.chunk_pairs()
+        chosen_logps, rejected_logps = pair_logps(policy, labels, cfg.ld_alpha)
         if cfg.reference_free:
             ref_chosen = ref_rejected = torch.zeros_like(chosen.logps)
         else:
             ref_chosen, ref_rejected = self.reference_logps(model, batch, labels)
+        weights = None
+        if cfg.use_weighting:  # WPO weights from the un-weighted log-probs, even with LD-DPO (as TRL)
+            weights = wpo_weights(
+                chosen.logps, chosen.log_sum_sq_probs_sum, chosen.token_counts
+            ) * wpo_weights(rejected.logps, rejected.log_sum_sq_probs_sum, rejected.token_counts)
         out = dpo_loss(
-            chosen.logps,
-            rejected.logps,
+            chosen_logps,
+            rejected_logps,
             ref_chosen.to(chosen.logps.dtype),
             ref_rejected.to(chosen.logps.dtype),
             loss_type=self.loss_types,
@@ -103,11 +111,22 @@ class DPOObjective:
             f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
             discopop_tau=cfg.discopop_tau,
             rpo_alpha=cfg.rpo_alpha,
+            weights=weights,
         )
         metrics = preference_metrics(
-            out, chosen.logps, rejected.logps, chosen, rejected, gather=self.accelerator.gather
+            out, chosen_logps, rejected_logps, chosen, rejected, gather=self.accelerator.gather
         )
         return out.losses.mean(), {k: float(v) for k, v in metrics.items()}
+
+
+def pair_logps(out, labels: torch.Tensor, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B]) sequence log-probs of a [chosen; rejected] forward OUT (`SequenceLogps` of 2B
+    rows): plain sums, or with `ld_alpha` LD-DPO's, whose tokens past the shorter completion count ld_alpha times."""
+    if ld_alpha is None:
+        return out.logps.chunk(2)
+    chosen_tokens, rejected_tokens = out.token_logps.chunk(2)
+    chosen_mask, rejected_mask = (labels[:, 1:] != -100).chunk(2)
+    return length_desensitised_logps(chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, ld_alpha)
 
 
 # ---------------------------------------------------------------------------------------------- reference cache
@@ -135,6 +154,7 @@ def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
             "data": dataset._fingerprint,
             "max_length": cfg.max_length,
             "truncation_mode": cfg.truncation_mode,
+            "ld_alpha": cfg.ld_alpha,
             "precision": precision,
             "dtype": cfg.dtype,
         },
@@ -173,7 +193,7 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
                     with_metrics=False,
                 )
             fault_point("precompute")
-            c, r = out.logps.float().chunk(2)
+            c, r = (side.float() for side in pair_logps(out, labels, cfg.ld_alpha))
             chosen.append(c.cpu())
             rejected.append(r.cpu())
         local = {

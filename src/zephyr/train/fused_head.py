@@ -33,7 +33,13 @@ def attach_completion_head(
                 "train a model without it (Llama, Mistral, Qwen and SmolLM have none)"
             )
 
-    def forward(*args, completion_labels: torch.Tensor | None = None, with_metrics: bool = True, **kwargs):
+    def forward(
+        *args,
+        completion_labels: torch.Tensor | None = None,
+        with_metrics: bool = True,
+        with_wpo: bool = False,
+        **kwargs,
+    ):
         if completion_labels is None:
             return original_forward(*args, **kwargs)
         kwargs.pop("labels", None)
@@ -48,6 +54,7 @@ def attach_completion_head(
             chunk_size=chunk_size,
             temperature=temperature,
             with_metrics=with_metrics,
+            with_wpo=with_wpo,
         )
 
     model.forward = forward
