@@ -10,6 +10,7 @@
     zephyr sft|dpo --config R [--key value ...]  # the two training stages
     zephyr chat [--model DIR]                    # streaming terminal chat
     zephyr generate --input IN.jsonl --output OUT.jsonl [--model DIR]
+    zephyr serve [--model DIR] [--port 8000]     # OpenAI-compatible API and a web chat page
     zephyr eval prefs|mt-bench|demo ...          # held-out preference metrics, MT-Bench, the demo's pass rate
     zephyr card RUN_DIR                          # the model card, from what the run recorded
 
@@ -209,6 +210,25 @@ def cmd_eval_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from dataclasses import fields
+
+    from zephyr.serve import ServeLimits, serve
+
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        limits=limits,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def cmd_card(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from zephyr.card import write_card
 
@@ -301,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "supervised fine-tuning on chat data (stage 1 of the Zephyr recipe)",
         "Supervised fine-tuning: cross-entropy on assistant tokens of the recipe's dialogues. Runs on one CPU as "
-        "it is, and on many GPUs or nodes under `accelerate launch --config_file recipes/accelerate/zero3.yaml "
+        "it is, and on many GPUs or nodes under `accelerate launch --config_file recipes/accelerate/zero2.yaml "
         "-m zephyr sft --config R`.",
     )
     _add_recipe_arguments(p, "sft")
@@ -312,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "direct preference optimisation on preference pairs (stage 2 of the Zephyr recipe)",
         "Direct Preference Optimization of the recipe's model on chosen/rejected pairs, with TRL's loss types and "
         "metric names. Runs on one CPU as it is, and on many GPUs or nodes under `accelerate launch "
-        "--config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config R`.",
+        "--config_file recipes/accelerate/zero2.yaml -m zephyr dpo --config R`.",
     )
     _add_recipe_arguments(p, "dpo")
 
@@ -456,6 +476,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="IN.jsonl")
     p.add_argument("--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+
+    p = command(
+        commands,
+        "serve",
+        cmd_serve,
+        "OpenAI-compatible chat API (/v1/chat/completions, streaming) and a web chat page at /",
+        "Serves the model over an OpenAI-compatible API (GET /v1/models, POST /v1/chat/completions with "
+        "streaming, GET /health) and a chat page at /. Concurrent requests are batched; a full queue answers 503 "
+        "with Retry-After. Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    _add_model_arguments(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("ZEPHYR_API_KEY"),
+        help="require this bearer key on every endpoint but /health and / (default: $ZEPHYR_API_KEY, else none)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model id in the API (default: folder name)")
+    from dataclasses import fields
+
+    from zephyr.serve.limits import ServeLimits
+
+    limit_help = {
+        "max_body_bytes": "largest request body in bytes; larger ones get 413",
+        "max_tokens": "largest max_tokens a request may ask for",
+        "max_n": "most choices (n) per request",
+        "max_messages": "most messages per request",
+        "queue_size": "generations waiting; beyond it requests get 503 with Retry-After",
+        "max_batch_size": "most generations decoded together",
+        "batch_wait_ms": "how long a new batch waits for more requests to join",
+    }
+    for f in fields(ServeLimits):
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f"{limit_help.get(f.name, f.name)} (default: {f.default})",
+        )
 
     evaluation = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
     eval_cmds = evaluation.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)

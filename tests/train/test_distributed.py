@@ -87,3 +87,56 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         ):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def _chats(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(8):
+            answer = "Sure. " * (
+                1 + 3 * (i % 3)
+            )  # unequal assistant lengths: per-process token counts differ
+            messages = [
+                {"role": "user", "content": f"Say it {i} times."},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return folder
+
+
+def test_accelerate_launch_sft_on_two_cpu_processes_matches_one_and_says_what_it_ran(
+    tmp_path, tiny_model_dir
+):
+    """`accelerate launch` with an FSDP config and 2 processes on CPUs: accelerate runs it as plain data
+    parallelism (FSDP needs GPUs), which zephyr says; the SFT loss is normalised by the tokens of both processes,
+    so 2 x 2 rows give the 1 x 4 rows run's losses and gradient norms."""
+    data = _chats(tmp_path / "chat")
+    args = ["sft", f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", "--max_steps=2",
+            "--learning_rate=1e-3", "--logging_steps=1", "--bf16=false", "--save_strategy=no",
+            "--train_sampling_strategy=sequential", "--max_length=128", "--gradient_checkpointing=false"]  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "zephyr", *args, "--per_device_train_batch_size=4", f"--output_dir={tmp_path / 'one'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(
+        "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+        "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmain_process_port: 29541\n"
+    )
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    two = subprocess.run(
+        [accelerate, "launch", "--config_file", str(config), "-m", "zephyr", *args,
+         "--per_device_train_batch_size=2", f"--output_dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "asks for FSDP, which accelerate runs only on GPUs; this run is MULTI_CPU with 2" in two.stdout
+    record = json.loads((tmp_path / "two" / "zephyr_run.json").read_text())
+    assert record["num_processes"] == 2 and record["total_train_batch_size"] == 4
+    single, double = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(single) == len(double) == 2
+    for a, b in zip(single, double, strict=True):
+        assert b["num_tokens"] == a["num_tokens"]
+        for key in ("loss", "grad_norm", "mean_token_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

@@ -381,7 +381,7 @@ def train(
                             _scale_gradients(model, accelerator.num_processes / max(step_items, 1.0))
                         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                            if not torch.isfinite(grad_norm).all():
+                            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
                                 _diverged("gradient norm", grad_norm, state.global_step + 1, output_dir)
                         step_lr = scheduler.get_last_lr()[0]  # the rate this step used, as Trainer logs it
                         optimizer.step()

@@ -76,12 +76,45 @@ def make_accelerator(cfg):
         dataloader_config=DataLoaderConfiguration(split_batches=False, even_batches=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
     )
+    _check_launch(accelerator, cfg)
     if trackers:
         accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name)
     set_seed(cfg.seed)
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     return accelerator
+
+
+def _check_launch(accelerator, cfg) -> None:
+    """Say when the launch config asked for something this run will not do, and fill DeepSpeed's batch settings."""
+    from accelerate.utils import DistributedType
+
+    wanted = [
+        name
+        for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(var, "").lower() == "true"
+    ]
+    if wanted and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # accelerate quietly runs FSDP / DeepSpeed configs without a GPU as plain data parallelism
+        accelerator.print(
+            f"note: the launch config asks for {wanted[0]}, which accelerate runs only on GPUs; this run is "
+            f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es), weights replicated"
+        )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if plugin.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 partitions the LM head, which Zephyr's chunked log-prob kernel reads directly; use "
+            "recipes/accelerate/fsdp.yaml to shard the weights, or zero2.yaml"
+        )
+    ds = plugin.deepspeed_config
+    # prepare() gets no dataloader (the loop builds one per epoch), so DeepSpeed cannot infer these itself
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    ds["train_batch_size"] = (
+        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    )
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
 def load_policy(cfg, tokenizer):
@@ -218,6 +251,7 @@ def save_final(
         "stage": cfg.stage,
         "base_model": base_model,
         "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
         "total_train_batch_size": cfg.per_device_train_batch_size
         * cfg.gradient_accumulation_steps
         * accelerator.num_processes,
