@@ -176,3 +176,9 @@ def test_truncated_probs_by_hand():
     # temperature 0.5 squares the odds before normalising: 0.25, 0.09 -> 0.735..., 0.264...
     probs = truncated_probs(logits, 0.5, 2, 1.0)
     torch.testing.assert_close(probs[:2], torch.tensor([0.25, 0.09]) / 0.34)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(engine):
+    greedy = engine.chat(CONVERSATIONS[0], SamplingParams(max_new_tokens=8, temperature=0.0))
+    tiny = engine.chat(CONVERSATIONS[0], SamplingParams(max_new_tokens=8, temperature=1e-7, seed=1))
+    assert tiny.text == greedy.text

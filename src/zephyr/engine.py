@@ -25,6 +25,7 @@ import torch
 from zephyr.errors import ZephyrError
 
 ROLES = ("system", "user", "assistant")
+MIN_TEMPERATURE = 1e-4
 
 
 class RequestError(ZephyrError):
@@ -92,6 +93,9 @@ class Engine:
         self.eos_ids = _eos_ids(tokenizer, generation_config or getattr(model, "generation_config", None))
         self.defaults = _defaults(generation_config or getattr(model, "generation_config", None))
         self._lock = threading.Lock()
+        # A fast tokenizer is not safe to use from two threads at once (a server encodes on its event loop while
+        # the worker decodes): every use goes through this lock.
+        self._tokenizer_lock = threading.Lock()
         # transformers 5.x renamed the forward argument `past_key_values` to `cache`.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
@@ -147,13 +151,16 @@ class Engine:
         """The prompt text for MESSAGES, ending with the assistant's turn header."""
         checked = check_messages(messages)
         try:
-            return self.tokenizer.apply_chat_template(checked, tokenize=False, add_generation_prompt=True)
+            with self._tokenizer_lock:
+                return self.tokenizer.apply_chat_template(checked, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # a template's own raise_exception(), e.g. roles out of order
             raise RequestError(f"the chat template rejected the messages: {err}", param="messages") from err
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of MESSAGES' prompt; a RequestError when it leaves no room to answer in the context."""
-        ids = self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"]
+        prompt = self.render_chat(messages)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.context_length:
             raise RequestError(
                 f"the prompt is {len(ids)} tokens but the model's context is {self.context_length}; shorten the "
@@ -226,7 +233,7 @@ class Engine:
         next_ids = logits.argmax(-1)
         for slot, row in enumerate(rows):
             p = row.request.params
-            if p.temperature > 0:
+            if p.temperature >= MIN_TEMPERATURE:  # below it, logits / T overflows: greedy is the limit anyway
                 probs = truncated_probs(logits[slot], p.temperature, p.top_k, p.top_p)
                 next_ids[slot] = torch.multinomial(probs, 1, generator=row.generator)[0]
         return next_ids
@@ -239,7 +246,8 @@ class Engine:
             row.finish_reason = "stop"
         else:
             row.ids.append(token_id)
-            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            with self._tokenizer_lock:
+                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
             cut = _first_stop(row.text, request.params.stop)
             if cut is not None:
                 row.text, row.finish_reason = row.text[:cut], "stop"

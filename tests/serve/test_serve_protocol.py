@@ -61,7 +61,6 @@ def test_stream_options():
         ({"messages": HELLO * 4}, "messages"),  # over max_messages=3
         ({"messages": HELLO, "temperature": "hot"}, "temperature"),
         ({"messages": HELLO, "temperature": True}, "temperature"),
-        ({"messages": HELLO, "temperature": 1e-300}, "temperature"),
         ({"messages": HELLO, "top_k": 2.5}, "top_k"),
         ({"messages": HELLO, "max_tokens": 101}, "max_tokens"),
         ({"messages": HELLO, "max_completion_tokens": 0}, "max_completion_tokens"),

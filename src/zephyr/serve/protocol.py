@@ -92,8 +92,6 @@ _NO_OP_VALUES = {
 }
 
 
-MIN_TEMPERATURE = 1e-4
-
 
 def parse_chat_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     """RAW (a request body) as a ChatRequest, or an ApiError(400) naming the first bad field.
@@ -130,12 +128,7 @@ def parse_chat_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
             param="messages",
         )
 
-    temperature = _number(body, "temperature")
-    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-        # logits / 1e-300 overflow to inf and the sampler's softmax turns them into NaN.
-        raise ApiError(
-            400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", param="temperature"
-        )
+    temperature = _number(body, "temperature")  # below zephyr.engine.MIN_TEMPERATURE the engine decodes greedily
     seed = _integer(body, "seed")
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise ApiError(400, "seed must fit in 64 bits", param="seed")
