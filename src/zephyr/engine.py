@@ -117,7 +117,7 @@ class Engine:
         """
         from transformers import GenerationConfig
 
-        from zephyr.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+        from zephyr.models import EMBEDDED_MODEL, check_vocabulary, load_model, load_tokenizer, resolve_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None and device.startswith("cuda"):
@@ -130,6 +130,7 @@ class Engine:
                 f"chat model or a Zephyr training output (they save one)"
             )
         lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+        check_vocabulary(lm, tokenizer)
         try:
             generation = GenerationConfig.from_pretrained(resolved)
         except OSError:

@@ -144,9 +144,13 @@ def _score(row: dict, name: str, *, required: bool) -> float | None:
     value = row.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # an integer beyond float's range: JSON puts no limit on digits
+        number = math.nan
+    if not math.isfinite(number):
         raise DataError(f"expected a finite number, got {value!r}", field=name)
-    return float(value)
+    return number
 
 
 # ---------------------------------------------------------------- SFT adapters

@@ -2,8 +2,8 @@
 
 Every source yields `Record`s, one per row, located by origin (a file path, or `HUB_ID[split]`) and 1-based row
 (the JSONL line number; the record index + 1 for JSON arrays, Parquet and hub datasets). A row that cannot be read
-(invalid UTF-8, malformed or truncated line, not a JSON object) is a `Record` with `error` set, so the caller can
-refuse it or, under `--skip-invalid`, set it aside; it is never a raw traceback.
+(invalid UTF-8, malformed or truncated line, not a JSON object, an escaped lone surrogate) is a `Record` with `error`
+set, so the caller can refuse it or, under `--skip-invalid`, set it aside; it is never a raw traceback.
 
 Local folders map files to splits by name: `train_prefs.jsonl` is split `train_prefs`, shards
 `train-00000-of-00002.parquet` are split `train`, and a hub snapshot's `data/train_prefs-00000-of-00001.parquet`
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +30,11 @@ _FILE_LIKE_SUFFIXES = {*DATA_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow", ".gz", 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+.*$")
 _LOCAL_HINT = "pass a local .jsonl/.json/.parquet file or folder"
+# JSON can escape half of a UTF-16 surrogate pair ("\ud800") on its own. It decodes to a code point that is not text
+# and that every UTF-8 writer downstream (Arrow, a JSONL output, a hash) refuses, so such a row is unreadable. Only
+# text holding such an escape needs the row walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Record(NamedTuple):
@@ -167,7 +173,12 @@ def _jsonl_records(path: Path, *, is_json: bool = False) -> Iterator[Record]:
                     reason = f"malformed JSON ({e.msg} at column {e.colno}){hint}"
                 yield Record(origin, line_number, None, DataError(reason, file=origin, row=line_number))
                 continue
-            yield _object_record(origin, line_number, data, hint)
+            except (ValueError, RecursionError) as e:
+                reason = f"malformed JSON ({_beyond_the_parser(e)})"
+                yield Record(origin, line_number, None, DataError(reason, file=origin, row=line_number))
+                continue
+            escaped = _SURROGATE_ESCAPE.search(text) is not None
+            yield _object_record(origin, line_number, data, hint, may_hold_surrogates=escaped)
 
 
 def _json_array_records(path: Path) -> Iterator[Record]:
@@ -185,15 +196,55 @@ def _json_array_records(path: Path) -> Iterator[Record]:
         cut_off = e.pos >= len(text.rstrip())
         why = "the file ends before the array is closed; it looks truncated" if cut_off else e.msg
         raise DataError(f"malformed JSON at line {e.lineno}, column {e.colno}: {why}", file=origin) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"malformed JSON ({_beyond_the_parser(e)})", file=origin) from None
+    escaped = _SURROGATE_ESCAPE.search(text) is not None
     for index, data in enumerate(rows):
-        yield _object_record(origin, index + 1, data, "")
+        yield _object_record(origin, index + 1, data, "", may_hold_surrogates=escaped)
 
 
-def _object_record(origin: str, row: int, data: Any, hint: str) -> Record:
+def _beyond_the_parser(error: ValueError | RecursionError) -> str:
+    """Why `json.loads` gave up on text that is not a syntax error: nesting deeper than Python recurses, or an
+    integer longer than Python converts (its only ValueError that is not a JSONDecodeError)."""
+    if isinstance(error, RecursionError):
+        return "arrays or objects nested too deeply to read"
+    return f"an integer longer than {sys.get_int_max_str_digits()} digits"
+
+
+def _object_record(
+    origin: str, row: int, data: Any, hint: str, *, may_hold_surrogates: bool = False
+) -> Record:
     if isinstance(data, dict):
-        return Record(origin, row, data, None)
+        field = _lone_surrogate_field(data) if may_hold_surrogates else None
+        if field is None:
+            return Record(origin, row, data, None)
+        reason = (
+            "holds a lone surrogate (a \\ud800-\\udfff escape without its pair), which is not text; "
+            "fix the string or re-export the file"
+        )
+        return Record(origin, row, None, DataError(reason, file=origin, row=row, field=field or None))
     reason = f"expected a JSON object (a row with named fields), got {_json_type(data)}{hint}"
     return Record(origin, row, None, DataError(reason, file=origin, row=row))
+
+
+def _lone_surrogate_field(data: dict) -> str | None:
+    """The path (`messages[1].content`) of a string in DATA holding a lone surrogate; "" when it is in a key of
+    DATA itself; None when there is none. A loop, so that a row nested as deep as the parser allows cannot overflow
+    the stack here."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if _LONE_SURROGATE.search(key):
+                    return path  # a key that cannot be printed is named by the object holding it
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def _json_type(value: Any) -> str:

@@ -331,6 +331,9 @@ def _refused(reason: str, field: str | None, columns: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------------------------------------------------- cache
 
 
+_CACHE_INFO = "cache_info.json"  # {"rows": N}, written last: what a complete cache holds
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ZEPHYR_CACHE", "~/.cache/zephyr")).expanduser() / "tokenized"
 
@@ -382,20 +385,37 @@ def _cached_tokenization(
 ) -> datasets.Dataset:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / cache_key(kind, ds, tokenizer, settings)
-    if not path.is_dir():
-        tokenized, refused = _tokenize(ds, tokenizer, settings, tokenize_row, columns, num_proc, kind)
-        # Refused rows reach `rejects` before anything is cached: without --skip-invalid the first one raises here.
+    cached = _read_cache(path) if path.is_dir() else None
+    if cached is not None:
+        tokenized, refused = cached
         for error, data in refused:
             rejects.add(error, data)
-        if (
-            len(tokenized) == 0
-        ):  # datasets cannot read back a saved 0-row dataset; nothing worth caching anyway
-            return tokenized
-        _save_atomically(tokenized, refused, path)
-    else:
-        for error, data in _load_refused(path):
-            rejects.add(error, data)
+        return tokenized
+    tokenized, refused = _tokenize(ds, tokenizer, settings, tokenize_row, columns, num_proc, kind)
+    # Refused rows reach `rejects` before anything is cached: without --skip-invalid the first one raises here.
+    for error, data in refused:
+        rejects.add(error, data)
+    if len(tokenized) == 0:  # datasets cannot read back a saved 0-row dataset; nothing worth caching anyway
+        return tokenized
+    _save_atomically(tokenized, refused, path)
     return datasets.load_from_disk(str(path))
+
+
+def _read_cache(path: Path) -> tuple[datasets.Dataset, list[tuple[DataError, Any]]] | None:
+    """The tokenized and refused rows cached at PATH, or None, with a message, when the cache cannot be read whole
+    (a disk error, a file cut short, a cache from before the row count was recorded): it is deleted, to be rebuilt.
+    The row count matters because Arrow's stream format has no footer: a file cut at a batch boundary still opens."""
+    try:
+        tokenized = datasets.load_from_disk(str(path))
+        written = json.loads((path / _CACHE_INFO).read_text())["rows"]
+        if len(tokenized) != written:
+            raise ValueError(f"{len(tokenized)} rows where {written} were written")
+        refused = _load_refused(path)
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with it, tokenizing again repairs it
+        print(f"tokenization cache {path} is unreadable ({type(err).__name__}: {err}); tokenizing again")
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return tokenized, refused
 
 
 def _tokenize(
@@ -449,6 +469,7 @@ def _save_atomically(tokenized: datasets.Dataset, refused: list, path: Path) -> 
             for e, data in refused
         ]
         (tmp / "refused.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        (tmp / _CACHE_INFO).write_text(json.dumps({"rows": len(tokenized)}))
         os.rename(tmp, path)
     except OSError:
         if not path.is_dir():  # not a concurrent run that finished first: a real failure
