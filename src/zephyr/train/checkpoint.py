@@ -2,11 +2,14 @@
 
 Layout: `OUTPUT_DIR/checkpoint-{step}/` holds accelerate's state (model, optimizer, scheduler, RNG) and
 `trainer_state.json` (step, epoch, position in the epoch, log history). It is written as `.checkpoint-{step}.tmp`,
-fsynced, then renamed; a crash mid-write leaves only the temporary folder, which the next run deletes.
+fsynced, then renamed; a crash mid-write leaves only the temporary folder, which the next run deletes. A write that
+fails (disk full, no permission) removes the temporary folder and stops the run with a `ZephyrError` that names the
+checkpoint, the OS's reason and the previous checkpoint, which is left as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -40,16 +43,26 @@ class TrainerState:
 
 
 def fault_point(name: str) -> None:
-    """Crash-test hook: `ZEPHYR_FAULT=NAME` makes the process kill itself (SIGKILL, as the OOM killer or a node
-    failure would) or send itself SIGTERM (`NAME/term`, as a scheduler does before preemption) at the named point.
-    Points: `step:N` (inside optimizer step N, after its forward and backward), `checkpoint:N` (checkpoint N fully
-    written but not yet renamed into place), `precompute` (during the reference pass), `final-save`."""
+    """Crash-test hook: `ZEPHYR_FAULT=NAME` makes the process kill itself at the named point (SIGKILL, as the OOM
+    killer or a node failure would), `NAME/term` or `NAME/int` sends it SIGTERM (a scheduler about to preempt) or
+    SIGINT (Ctrl-C), and `NAME/ENOSPC` (any errno name) raises that OSError there, as a full disk would.
+    Points: `step:N` (inside optimizer step N, after its forward and backward), `checkpoint-write:N` (checkpoint N's
+    model, optimizer and RNG files written, its trainer_state.json not yet), `checkpoint:N` (checkpoint N fully
+    written but not yet renamed into place), `precompute` (during the reference pass), `reference-cache` (reference
+    log-probs written to a temporary file, not yet renamed), `final-save`."""
     wanted = os.environ.get("ZEPHYR_FAULT")
     if not wanted:
         return
     point, _, how = wanted.partition("/")
-    if point == name:
-        os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
+    if point != name:
+        return
+    if how in ("term", "int"):
+        os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGINT)
+    elif how in errno.errorcode.values():
+        code = getattr(errno, how)
+        raise OSError(code, os.strerror(code))
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -64,8 +77,35 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _is_write_error(err: Exception) -> bool:
+    """Whether ERR is a failed write: an OSError from Python, or the errors torch.save and safetensors turn one into
+    (on a full disk torch's zip writer says "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534",
+    safetensors "I/O error: No space left on device (os error 28)"). Anything else keeps its traceback."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError):
+        return True
+    if isinstance(err, SafetensorError):
+        return "os error" in str(err)
+    return isinstance(err, RuntimeError) and (
+        "inline_container" in str(err) or "PytorchStreamWriter" in str(err)
+    )
+
+
+def _reason(err: Exception, folder: Path) -> str:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    return f"{reason} ({free / 2**20:.0f} MiB free on that disk)"
+
+
 def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_total_limit: int | None) -> Path:
-    """Write checkpoint-{state.global_step} atomically (all ranks call this; rank 0 renames) and rotate old ones."""
+    """Write checkpoint-{state.global_step} atomically (all ranks call this; rank 0 renames) and rotate old ones.
+
+    A failed write raises `ZephyrError` naming the checkpoint and the reason, after removing the temporary folder;
+    no folder appears under the final name and older checkpoints are untouched."""
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".checkpoint-{state.global_step}.tmp"
     if accelerator.is_main_process:
@@ -74,26 +114,32 @@ def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_tot
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
+            fault_point(f"checkpoint-write:{state.global_step}")
             (tmp / STATE_FILE).write_text(state.to_json())
             _fsync_tree(tmp)
             fault_point(f"checkpoint:{state.global_step}")
             if final.exists():  # a checkpoint of the same step from an earlier, resumed run
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as err:
+    except Exception as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_error(err):
+            raise
         previous = latest_checkpoint(output_dir)
-        kept = (
-            f"the last complete checkpoint, {previous}, is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise ZephyrError(f"could not write checkpoint {final} ({err.strerror or err}); {kept}") from err
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise ZephyrError(
+            f"could not write checkpoint {final}: {_reason(err, output_dir)}; {kept}. Free space (or fix the "
+            "folder's permissions) and run again with --resume_from_checkpoint true"
+        ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and save_total_limit:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first, so a run killed while deleting never leaves a half-deleted folder that still looks
+            # complete; remove_partial_checkpoints clears what is left.
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -115,9 +161,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:
-    """Delete temporary folders left by a run killed while writing a checkpoint."""
+    """Delete the folders left by a run killed while writing a checkpoint or deleting an old one."""
     if output_dir.is_dir():
-        for p in output_dir.glob(".checkpoint-*.tmp"):
+        for p in [*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".checkpoint-*.deleting")]:
             shutil.rmtree(p, ignore_errors=True)
 
 
