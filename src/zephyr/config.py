@@ -252,6 +252,9 @@ class DPOConfig(RecipeConfig):
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
     padding_value: int | None = None
+    # Zephyr's fast layout: each pair's prompt runs once and a micro-batch is one packed row with no padding
+    # (zephyr.train.shared_prefix); same numbers as TRL's two padded rows per pair. `padding_free: true` asks for it too.
+    prefix_sharing: bool = False
     generate_during_eval: bool = False
     force_use_ref_model: bool = False
     model_adapter_name: str | None = None

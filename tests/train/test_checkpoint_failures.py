@@ -272,6 +272,25 @@ def test_a_full_disk_mid_run_stops_the_cli_with_one_line_and_the_rerun_resumes(
             assert got[step][key] == pytest.approx(record[key], rel=1e-5, abs=1e-8), (step, key)
 
 
+def test_a_full_disk_at_the_final_save_names_the_checkpoint_to_resume_from(
+    tmp_path, tiny_model_dir, prefs, monkeypatch, capsys
+):
+    from zephyr.cli import main
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("ZEPHYR_FAULT", "final-save/ENOSPC")
+    assert (
+        main(
+            ["dpo", *[a for a in _args(tiny_model_dir, prefs, out) if a != "--max_steps=6"], "--max_steps=4"]
+        )
+        == 2
+    )
+    stderr = capsys.readouterr().err
+    assert f"error: could not write the final model to {out}: No space left on device" in stderr
+    assert f"the last checkpoint {out / 'checkpoint-2'} is intact" in stderr and "Traceback" not in stderr
+    assert not (out / ".final.tmp").exists() and not (out / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------- reference cache
 
 

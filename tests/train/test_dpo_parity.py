@@ -42,8 +42,15 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-7)
 
 
-# Settings beyond plain DPO whose numbers TRL defines: LD-DPO's length-desensitised log-probs and WPO's weights.
-VARIANTS = {"dpo": {}, "ld_alpha": {"ld_alpha": 0.5}, "wpo": {"use_weighting": True}}
+# Settings beyond plain DPO whose numbers TRL defines (LD-DPO's length-desensitised log-probs, WPO's weights), and
+# Zephyr's own packed layout with shared prompts, which must give TRL's numbers: (TRL's keys, Zephyr's extra keys).
+VARIANTS = {
+    "dpo": ({}, {}),
+    "ld_alpha": ({"ld_alpha": 0.5}, {}),
+    "wpo": ({"use_weighting": True}, {}),
+    "prefix_sharing": ({}, {"prefix_sharing": True}),
+    "prefix_sharing_ld_alpha": ({"ld_alpha": 0.5}, {"prefix_sharing": True}),
+}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -75,7 +82,7 @@ def parity_runs(request, tmp_path_factory, tiny_model_dir):
         lr_scheduler_type="linear",
         weight_decay=0.0,
         max_grad_norm=1.0,
-        **VARIANTS[request.param],
+        **VARIANTS[request.param][0],
     )
     trl_args = DPOConfig(
         output_dir=str(tmp / "trl"),
@@ -103,7 +110,7 @@ def parity_runs(request, tmp_path_factory, tiny_model_dir):
         "--bf16=false", "--train_sampling_strategy=sequential", "--auto_insert_empty_system_msg=false",
         "--chat_template=auto", "--save_strategy=no", "--eval_strategy=steps", f"--eval_steps={STEPS}",
         "--gradient_checkpointing=false",
-    ]  # fmt: skip
+    ] + [f"--{k}={v}" for k, v in VARIANTS[request.param][1].items()]  # fmt: skip
     result = run_dpo(load_config("dpo", None, overrides), progress=False)
     log = result.state.log_history
     ours = [r for r in log if "loss" in r]

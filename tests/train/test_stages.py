@@ -394,9 +394,8 @@ def test_sft_gradient_accumulation_gives_the_one_big_batch_step(tmp_path, tiny_m
     update. The rows have different numbers of assistant tokens, so the two definitions differ here."""
     from safetensors.torch import load_file
 
-    from zephyr.data.prepare import prepare
-
     from tiny import tiny_model, tiny_tokenizer
+    from zephyr.data.prepare import prepare
 
     chat = tmp_path / "chat"  # the first micro-batch's rows are two exchanges long, the second's one
     _jsonl(chat / "train.jsonl", [_dialogue(i) for i in (0, 3, 1, 2)])

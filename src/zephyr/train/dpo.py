@@ -59,12 +59,8 @@ class DPOObjective:
     def reference_logps(self, model, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        inputs = dict(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            completion_labels=labels,
-            with_metrics=False,
-        )
+        inputs, labels = model_inputs(model, batch)
+        inputs["with_metrics"] = False
         with torch.no_grad():
             if self.ref_model is not None:
                 with self.accelerator.autocast():
@@ -76,14 +72,8 @@ class DPOObjective:
 
     def __call__(self, model, batch):
         cfg = self.cfg
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        policy = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            completion_labels=labels,
-            with_metrics=True,
-            with_wpo=cfg.use_weighting,
-        )
+        inputs, labels = model_inputs(model, batch)
+        policy = model(**inputs, with_metrics=True, with_wpo=cfg.use_weighting)
         chosen, rejected = policy.chunk_pairs()
         chosen_logps, rejected_logps = pair_logps(policy, labels, cfg.ld_alpha)
         if cfg.reference_free:
@@ -119,6 +109,29 @@ class DPOObjective:
         return out.losses.mean(), {k: float(v) for k, v in metrics.items()}
 
 
+def model_inputs(model, batch) -> tuple[dict, torch.Tensor]:
+    """The completion-head forward's inputs for BATCH and its labels [2B, T]: TRL's two padded rows per pair
+    (`PreferenceCollator`), or one packed row with a shared prompt (`SharedPrefixCollator`)."""
+    if "completion_gather" in batch:
+        from zephyr.train.shared_prefix import model_attention_mask
+
+        unwrapped = getattr(model, "module", model)
+        labels = batch["completion_labels"]
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "attention_mask": model_attention_mask(unwrapped, batch["attention_mask"], unwrapped.dtype),
+            "completion_gather": batch["completion_gather"],
+            "completion_labels": labels,
+        }, labels
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_labels": labels,
+    }, labels
+
+
 def pair_logps(out, labels: torch.Tensor, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [B], rejected [B]) sequence log-probs of a [chosen; rejected] forward OUT (`SequenceLogps` of 2B
     rows): plain sums, or with `ld_alpha` LD-DPO's, whose tokens past the shorter completion count ld_alpha times."""
@@ -133,15 +146,16 @@ def pair_logps(out, labels: torch.Tensor, ld_alpha: float | None) -> tuple[torch
 
 
 def _model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime), or
-    for a hub id the id and revision."""
+    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime in
+    nanoseconds: a file rewritten with new weights of the same shapes keeps its size, and often its second), or for
+    a hub id the id and revision."""
     from zephyr.models import resolve_model
 
     path = Path(resolve_model(name_or_path))
     if not path.is_dir():
         return {"hub_id": name_or_path, "revision": revision}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
 
 def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
@@ -166,12 +180,24 @@ def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
 
 def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_name: str, precision: str):
     """Add `ref_chosen_logps` / `ref_rejected_logps` columns from one pass of the reference model, cached on disk
-    keyed by reference model, tokenized data and truncation, so a second run (or a resumed one) reuses them."""
+    keyed by reference model, tokenized data and truncation, so a second run (or a resumed one) reuses them. A cache
+    file that cannot be read, or holds another number of rows, is computed again."""
     path = reference_cache_path(cfg, ref_name, dataset, precision)
+    cached = None
     if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        accelerator.print(f"reference log-probs: reusing {path}")
-    else:
+        try:
+            cached = torch.load(path, weights_only=True)
+            rows = {side: tuple(cached[side].shape) for side in ("chosen", "rejected")}
+            if set(rows.values()) != {(len(dataset),)}:
+                raise ValueError(f"it holds {rows}, the data {len(dataset)} rows")
+        except Exception as err:  # noqa: BLE001 - truncated, corrupt or foreign: any of these means recompute
+            accelerator.print(
+                f"reference log-probs: {path} is unreadable ({type(err).__name__}: {err}); computing them again"
+            )
+            cached = None
+        else:
+            accelerator.print(f"reference log-probs: reusing {path}")
+    if cached is None:
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
@@ -184,14 +210,9 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
         chosen, rejected = [], []
         for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            inputs, labels = model_inputs(ref_model, batch)
             with torch.no_grad(), accelerator.autocast():
-                out = ref_model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    completion_labels=labels,
-                    with_metrics=False,
-                )
+                out = ref_model(**inputs, with_metrics=False)
             fault_point("precompute")
             c, r = (side.float() for side in pair_logps(out, labels, cfg.ld_alpha))
             chosen.append(c.cpu())
@@ -210,6 +231,7 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(cached, tmp)
+            fault_point("reference-cache")
             os.replace(tmp, path)  # never a half-written cache under the real name
         accelerator.wait_for_everyone()
     dataset = dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
@@ -217,6 +239,27 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+
+
+def preference_collator(cfg, tokenizer, model, accelerator):
+    """TRL's layout (two padded rows per pair), or with `prefix_sharing` / `padding_free` one packed row per
+    micro-batch with each prompt once, when the model's attention takes the block mask that needs."""
+    from zephyr.train.shared_prefix import SUPPORTED_ATTENTION, SharedPrefixCollator, attention_implementation
+
+    pad = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
+    if cfg.prefix_sharing or cfg.padding_free:
+        implementation = attention_implementation(model)
+        if implementation in SUPPORTED_ATTENTION:
+            return SharedPrefixCollator(
+                pad_token_id=pad, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
+            )
+        accelerator.print(
+            f"note: prefix sharing needs an attention that takes a block mask ({', '.join(SUPPORTED_ATTENTION)}); "
+            f"this model uses {implementation}, so pairs go in TRL's two padded rows"
+        )
+    return PreferenceCollator(
+        pad_token_id=pad, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
+    )
 
 
 def run_dpo(cfg, *, progress: bool = True):
@@ -233,15 +276,11 @@ def run_dpo(cfg, *, progress: bool = True):
         data = prepare(cfg, stage="dpo", tokenizer=tokenizer)
     if accelerator.is_main_process:
         print(data.summary())
-    collate = PreferenceCollator(
-        pad_token_id=cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id,
-        max_length=cfg.max_length,
-        truncation_mode=cfg.truncation_mode,
-    )
 
     # ---- policy and reference
     policy = load_policy(cfg, tokenizer)
     attach_completion_head(policy)
+    collate = preference_collator(cfg, tokenizer, policy, accelerator)
     ref_name = cfg.ref_model_name_or_path or cfg.model_name_or_path
     ref_model = None
     needs_ref_model = not cfg.reference_free and (not cfg.use_peft or cfg.ref_model_name_or_path)

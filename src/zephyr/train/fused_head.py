@@ -2,7 +2,9 @@
 
 `model(input_ids=..., attention_mask=..., completion_labels=labels)` runs the decoder, then the chunked LM head of
 `zephyr.train.logprobs.completion_logps` on the completion positions only, and returns its `SequenceLogps`; without
-`completion_labels` the forward is the original one, so generation is unchanged.
+`completion_labels` the forward is the original one, so generation is unchanged. With `completion_gather`
+([sequences, positions] indices into the flattened hidden states, `zephyr.train.shared_prefix`), the hidden states
+are first laid out as those sequences, so one packed row can be scored as many ordinary ones.
 
 The mode is a patch of the instance's `forward` rather than a wrapper module because DDP, FSDP and PEFT all call
 `model.forward` through their own wrappers: patching keeps gradient synchronisation, sharding hooks and LoRA layers
@@ -36,6 +38,7 @@ def attach_completion_head(
     def forward(
         *args,
         completion_labels: torch.Tensor | None = None,
+        completion_gather: torch.Tensor | None = None,
         with_metrics: bool = True,
         with_wpo: bool = False,
         **kwargs,
@@ -45,6 +48,10 @@ def attach_completion_head(
         kwargs.pop("labels", None)
         kwargs.setdefault("use_cache", False)
         hidden = model.get_decoder()(*args, **kwargs).last_hidden_state
+        if (
+            completion_gather is not None
+        ):  # a packed row, read as the [sequence, position] rows the labels describe
+            hidden = hidden.reshape(-1, hidden.shape[-1])[completion_gather]
         head = model.get_output_embeddings()
         return completion_logps(
             hidden,

@@ -21,6 +21,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,10 +161,10 @@ class MetricsLog:
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens of a batch that are not padding (TRL's `num_tokens` counts the attention mask): packed batches carry
     no attention mask, so their padding is told apart by its label -100 and restarting positions at the end."""
+    if "token_count" in batch:  # packed rows (SFT packing, DPO prefix sharing) say how many they hold
+        return batch["token_count"].sum()
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
-    if "token_count" in batch:
-        return batch["token_count"].sum()
     return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
@@ -196,10 +197,12 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
             metrics.pop(
                 "_items", None
             )  # eval loss is per batch, weighted by its size, as Trainer's eval loop
-            n = batch["input_ids"].shape[0]
-            n = (
-                n // 2 if "completion_mask" in batch else n
-            )  # preference batches hold chosen and rejected rows
+            if "completion_gather" in batch:  # one packed row of pairs: count the pairs
+                n = batch["completion_gather"].shape[0] // 2
+            elif "completion_mask" in batch:  # preference batches hold chosen and rejected rows
+                n = batch["input_ids"].shape[0] // 2
+            else:
+                n = batch["input_ids"].shape[0]
             losses = accelerator.gather_for_metrics(loss.detach().float().reshape(1).repeat(n))
             loss_sum += losses.sum().item()
             count += losses.numel()
@@ -266,7 +269,8 @@ def train(
     # The scheduler stays outside `prepare`: accelerate would step it once per process per optimizer step (it
     # assumes a schedule sized per process), which decays the rate N times too fast for our global step counts.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # Nor is it checkpointed: accelerate would pickle it (and unpickle it with weights_only=False on resume, so a
+    # checkpoint from elsewhere could run code). Its rate is a function of the step alone: resuming replays the steps.
     if getattr(cfg, "gradient_checkpointing", False):
         accelerator.unwrap_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -312,6 +316,12 @@ def train(
             )
             continue
         state.max_steps = max_steps
+        with (
+            warnings.catch_warnings()
+        ):  # "scheduler.step() before optimizer.step()": intended, it is a replay
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state.global_step):
+                scheduler.step()
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
         break
 

@@ -288,6 +288,26 @@ def framework_versions() -> dict[str, str]:
     return found
 
 
+def _final_save_failed(err: Exception, output_dir: Path) -> None:
+    """Turn a failed write of the final model folder into one message saying what is left to resume from."""
+    from zephyr.errors import ZephyrError
+    from zephyr.train.checkpoint import _is_write_error, _reason, latest_checkpoint
+
+    if not _is_write_error(err):
+        return
+    shutil.rmtree(output_dir / ".final.tmp", ignore_errors=True)
+    last = latest_checkpoint(output_dir)
+    kept = (
+        f"the last checkpoint {last} is intact: free space (or fix the folder's permissions) and run again with "
+        "--resume_from_checkpoint true"
+        if last
+        else "no checkpoint was saved (save_strategy), so the run must be repeated once the disk has room"
+    )
+    raise ZephyrError(
+        f"could not write the final model to {output_dir}: {_reason(err, output_dir)}; {kept}"
+    ) from err
+
+
 def _write_card(output_dir: Path) -> None:
     """The model card; the model is already saved, so a card that cannot be written costs a message, not the run."""
     from zephyr.card import write_card
@@ -306,15 +326,19 @@ def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
     """End a stage: write the model folder unless a signal stopped the run (its checkpoint is what to resume from),
     then close the trackers."""
     if not result.stopped_early:
-        output_dir = save_final(
-            accelerator,
-            result.model,
-            tokenizer,
-            cfg,
-            base_model=cfg.model_name_or_path,
-            log_history=result.state.log_history,
-            extra=extra,
-        )
+        try:
+            output_dir = save_final(
+                accelerator,
+                result.model,
+                tokenizer,
+                cfg,
+                base_model=cfg.model_name_or_path,
+                log_history=result.state.log_history,
+                extra=extra,
+            )
+        except Exception as err:
+            _final_save_failed(err, Path(cfg.output_dir))
+            raise
         if accelerator.is_main_process:
             _write_card(output_dir)
     accelerator.end_training()
