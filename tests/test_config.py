@@ -561,6 +561,8 @@ def test_beta_recipes_match_the_handbook_files():
         theirs = config_to_dict(
             load_config(stage, FIXTURES / f"era4-zephyr-7b-beta-{stage}-config_full.yaml")
         )
+        ours.pop("card")  # the model card's texts are Zephyr's addition; every training key is the handbook's
+        theirs.pop("card")
         assert ours == theirs
 
 
