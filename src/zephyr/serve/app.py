@@ -139,7 +139,7 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, api_key: str |
                 f"the server is busy ({err}); retry shortly",
                 type="server_error",
                 code="server_overloaded",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(scheduler.retry_after_s())},
             ) from err
         head = ResponseHead.new(engine.name)
         if chat.stream:

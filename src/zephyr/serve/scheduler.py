@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -90,6 +91,7 @@ class Scheduler:
 
     batch_sizes counts engine batches by size and finish_reasons counts finished generations by reason, for
     /health and for tests that check concurrent requests were batched and disconnected ones cancelled.
+    batch_seconds is a moving average of how long one engine batch takes (0 before the first).
     """
 
     def __init__(self, engine: Engine, limits: ServeLimits):
@@ -99,6 +101,7 @@ class Scheduler:
         self.batch_wait_s = limits.batch_wait_ms / 1000
         self.batch_sizes: Counter[int] = Counter()
         self.finish_reasons: Counter[str] = Counter()
+        self.batch_seconds = 0.0
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
         self._wakeup = threading.Condition()
@@ -146,6 +149,11 @@ class Scheduler:
             self._wakeup.notify()
         return ticket
 
+    def retry_after_s(self) -> int:
+        """Whole seconds a refused client should wait: about one batch's time, since the queue gains up to
+        max_batch_size places each time the worker starts a batch; from 1 to 60."""
+        return min(60, max(1, math.ceil(self.batch_seconds)))
+
     @property
     def queue_depth(self) -> int:
         """Generations waiting for the worker."""
@@ -159,21 +167,28 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ the worker side
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            live = []
-            for job in batch:
-                if job.ticket.cancelled:  # the client left while it waited: no need to decode anything
-                    self._finish(job, Completion("", "cancelled", len(job.prompt_ids), 0))
-                else:
-                    live.append(job)
-            if live:
-                self._run(live)
+        # One batch per call: its requests (tickets, prompts, answers) die with that call's locals, instead of
+        # staying alive in this loop's variables while the worker waits, idle, for the next batch.
+        while self._serve_next_batch():
+            pass
+
+    def _serve_next_batch(self) -> bool:
+        """Decode the next batch; False once the scheduler is stopping."""
+        batch = self._next_batch()
+        if batch is None:
+            return False
+        live = []
+        for job in batch:
+            if job.ticket.cancelled:  # the client left while it waited: no need to decode anything
+                self._finish(job, Completion("", "cancelled", len(job.prompt_ids), 0))
             else:
-                with self._wakeup:
-                    self._running = []
+                live.append(job)
+        if live:
+            self._run(live)
+        else:
+            with self._wakeup:
+                self._running = []
+        return True
 
     def _next_batch(self) -> list[_Job] | None:
         """Up to max_batch_size waiting jobs, once at least one has waited batch_wait_s; None when stopping."""
@@ -195,6 +210,7 @@ class Scheduler:
 
     def _run(self, jobs: list[_Job]) -> None:
         self.batch_sizes[len(jobs)] += 1
+        started = time.monotonic()
         try:
             completions = self.engine.run([job.engine_request() for job in jobs])
         except Exception as err:  # a bug or an out-of-memory: fail this batch, keep serving
@@ -205,6 +221,8 @@ class Scheduler:
         finally:
             with self._wakeup:
                 self._running = []
+        took = time.monotonic() - started
+        self.batch_seconds = took if not self.batch_seconds else 0.7 * self.batch_seconds + 0.3 * took
         for job, completion in zip(jobs, completions, strict=True):
             self._finish(job, completion)
 
