@@ -325,6 +325,7 @@ def main() -> None:
                 if done.returncode != 0 or line is None:
                     sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
                 results[name].append(json.loads(line[len("RESULT ") :]))
+                print(f"  {name}: {line[len('RESULT ') :]}", flush=True)  # survives an interrupted benchmark
 
     timed_tokens = tokens[args.batch_size * args.warmup :]
     tokens_per_step = sum(timed_tokens) / args.steps

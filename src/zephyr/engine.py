@@ -161,7 +161,8 @@ class Engine:
         """Token ids of MESSAGES' prompt; a RequestError when it leaves no room to answer in the context."""
         prompt = self.render_chat(messages)
         with self._tokenizer_lock:
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            # verbose=False: an over-long prompt is ours to report (below), not a tokenizer warning in the log
+            ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= self.context_length:
             raise RequestError(
                 f"the prompt is {len(ids)} tokens but the model's context is {self.context_length}; shorten the "
