@@ -130,7 +130,10 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
         f"results table: {dpo_dir / 'results.md'}; plots: {sft_dir / 'training.png'}, {dpo_dir / 'training.png'}"
     )
     print(
-        f"talk to it: python -c \"from transformers import pipeline; p = pipeline('text-generation', "
+        f"chat with it: zephyr chat --model {dpo_dir}   (or a web page and an OpenAI-compatible API: zephyr serve --model {dpo_dir})"
+    )
+    print(
+        f"or from Python: python -c \"from transformers import pipeline; p = pipeline('text-generation', "
         f"model='{dpo_dir}'); print(p([{{'role': 'user', 'content': 'What is 12 + 30?'}}])[0]['generated_text'])\""
     )
     print(f"demo finished in {report['seconds']}s")
