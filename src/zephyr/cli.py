@@ -532,10 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-model", default=None, help="reference model (default: the run's recorded one)")
     p.add_argument("--data", required=True, help="preference data: local file or folder, or a hub id")
     p.add_argument("--split", default="test_prefs", help="split to score (default: test_prefs)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the rewards (default: 0.1)")
+    p.add_argument(
+        "--beta", type=float, default=None, help="DPO beta of the rewards (default: the run's, else 0.1)"
+    )
     p.add_argument("--loss-type", default="sigmoid", help="loss to report (default: sigmoid)")
-    p.add_argument("--max-length", type=int, default=None, help="default: the DPO default, 1024")
-    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="default: the run's, else 1024")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="default: the run's, else none")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--schema", default=None, help="override the detected data schema")
     p.add_argument("--output", default=None, metavar="metrics.json", help="also write the metrics here")

@@ -35,6 +35,7 @@ def run(tmp_path_factory, tiny_model_dir):
         "--max_steps=2", "--per_device_train_batch_size=4", "--per_device_eval_batch_size=4",
         "--learning_rate=1e-2", "--logging_steps=1", "--eval_strategy=steps", "--eval_steps=2", "--bf16=false",
         "--max_length=48", "--save_strategy=no", "--chat_template=zephyr", "--beta=0.05",
+        "--auto_insert_empty_system_msg=false",
     ])  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZEPHYR_CACHE", str(tmp / "cache"))
@@ -87,3 +88,22 @@ def test_a_missing_split_is_named(run):
     mp.setenv("ZEPHYR_CACHE", str(tmp / "cache"))
     with pytest.raises(ZephyrError, match="test_prefs"):
         eval_prefs(str(out), data=str(tmp / "prefs"), split="test_prefs", progress=False)
+
+
+def test_the_runs_own_settings_are_the_defaults(run):
+    """Without --beta / --max-length the run's recorded ones apply (beta 0.05, max_length 48, the zephyr template,
+    no empty system message), so the numbers are again the run's last eval."""
+    tmp, out, mp = run
+    mp.setenv("ZEPHYR_CACHE", str(tmp / "cache"))
+    last_eval = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line
+    ][-1]
+    result = eval_prefs(str(out), data=str(tmp / "prefs"), split="test", batch_size=4, progress=False)
+    for key in METRIC_KEYS:
+        assert result[key] == pytest.approx(last_eval[f"eval_{key}"], rel=1e-5, abs=1e-6), key
+    other = eval_prefs(
+        str(out), data=str(tmp / "prefs"), split="test", beta=0.5, batch_size=4, progress=False
+    )
+    assert other["rewards/margins"] == pytest.approx(
+        10 * result["rewards/margins"], rel=1e-4
+    )  # beta 0.5 vs 0.05

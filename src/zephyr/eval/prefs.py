@@ -4,8 +4,9 @@
 
 The numbers are training's eval metrics (`eval_loss`, `eval_rewards/accuracies`, ... in TRL's definitions and
 reductions) without the `eval_` prefix: the same data pipeline, objective and `evaluate` the DPO loop runs, so a
-run's last eval and this command agree when given the same model, reference, data and settings. The reference is
-the one the run recorded (a DPO run's `reference_model`, else its base model) unless `--ref-model` says otherwise.
+run's last eval and this command agree on the same model, reference and data. The reference is the one the run
+recorded (a DPO run's `reference_model`, else its base model) unless `--ref-model` says otherwise, and so are beta
+and the tokenization settings (max_length, max_prompt_length, truncation_mode, chat template) unless given.
 """
 
 from __future__ import annotations
@@ -47,13 +48,33 @@ def recorded_reference(model: str) -> str:
     return reference
 
 
+# The settings that shape a pair's tokens and rewards: taken from the run's record unless given, so that this command
+# and the run's own last eval measure the same thing.
+RECORDED_KEYS = (
+    "beta", "max_length", "max_prompt_length", "truncation_mode", "chat_template", "auto_insert_empty_system_msg",
+)  # fmt: skip
+
+
+def recorded_settings(model: str) -> dict:
+    """RECORDED_KEYS from MODEL's `zephyr_run.json` (a DPO run's; {} for other folders)."""
+    record_file = Path(model) / "zephyr_run.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    config = record.get("config") or {}
+    if record.get("stage") != "dpo":  # an SFT run's beta is the default; its template settings still apply
+        return {k: config[k] for k in RECORDED_KEYS if k in config and k != "beta"}
+    return {k: config[k] for k in RECORDED_KEYS if k in config}
+
+
 def eval_prefs(
     model: str,
     *,
     data: str,
     ref_model: str | None = None,
     split: str = "test_prefs",
-    beta: float = 0.1,
+    beta: float | None = None,
     loss_type: str = "sigmoid",
     max_length: int | None = None,
     max_prompt_length: int | None = None,
@@ -77,24 +98,22 @@ def eval_prefs(
     from zephyr.train.runtime import make_accelerator
 
     reference = ref_model or recorded_reference(model)
+    given = {"beta": beta, "max_length": max_length, "max_prompt_length": max_prompt_length}
+    settings = {**recorded_settings(model), **{k: v for k, v in given.items() if v is not None}}
     with tempfile.TemporaryDirectory(prefix="zephyr-eval-") as scratch:
         overrides = {
+            **{k: v for k, v in settings.items() if v is not None},
             "model_name_or_path": model,
             "ref_model_name_or_path": reference,
             "dataset_name": data,
             # the split to score is read as the "train" split of a one-split load; nothing is trained
             "dataset_train_split": split,
             "dataset_test_split": split,
-            "beta": beta,
             "loss_type": [loss_type],
             "per_device_eval_batch_size": batch_size,
             "output_dir": scratch,
             "bf16": False,
         }
-        if max_length is not None:
-            overrides["max_length"] = max_length
-        if max_prompt_length is not None:
-            overrides["max_prompt_length"] = max_prompt_length
         if schema is not None:
             overrides["schema"] = schema
         cfg = load_config("dpo", None, [f"--{k}={_cli_value(v)}" for k, v in overrides.items()])
