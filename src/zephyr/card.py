@@ -41,6 +41,14 @@ EXAMPLE_MESSAGES = [
 _SAMPLING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a repeated mapping out again instead of as a YAML anchor and alias (`&id001`), which hub readers of
+    the model-index handle poorly and people find cryptic."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 @dataclass
 class Run:
     """What a card is written from: RUN_DIR's record and the files beside it."""
@@ -88,7 +96,9 @@ def write_card(run_dir: str | Path, *, card: dict | None = None) -> Path:
     its path. CARD is the recipe's `card:` mapping (keys: zephyr.config.CARD_KEYS), used in place of the one
     recorded with the run; None uses the recorded one."""
     run = read_run(run_dir, card=card)
-    metadata = yaml.safe_dump(card_metadata(run), sort_keys=False, allow_unicode=True, width=120)
+    metadata = yaml.dump(
+        card_metadata(run), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=120
+    )
     path = run.folder / "README.md"
     path.write_text(f"---\n{metadata}---\n\n{card_body(run)}", encoding="utf-8")
     return path
