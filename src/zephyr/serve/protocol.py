@@ -92,7 +92,6 @@ _NO_OP_VALUES = {
 }
 
 
-
 def parse_chat_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     """RAW (a request body) as a ChatRequest, or an ApiError(400) naming the first bad field.
 
@@ -128,7 +127,9 @@ def parse_chat_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
             param="messages",
         )
 
-    temperature = _number(body, "temperature")  # below zephyr.engine.MIN_TEMPERATURE the engine decodes greedily
+    temperature = _number(
+        body, "temperature"
+    )  # below zephyr.engine.MIN_TEMPERATURE the engine decodes greedily
     seed = _integer(body, "seed")
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise ApiError(400, "seed must fit in 64 bits", param="seed")
