@@ -9,9 +9,10 @@ rounds, and in each run the first `--warmup` steps are not timed. The data is sy
 token lengths are drawn like UltraFeedback's (prompt median ~150 tokens, completions ~250, long tails up to
 max_length), in a fixed order. Contenders:
 
-    zephyr            zephyr dpo, fast path: prefix sharing + padding-free packing, precomputed reference,
-                      gradient checkpointing (as TRL's default, for memory)
-    zephyr-no-X       the same with one optimisation off, X in share, precompute, gc (the ablation)
+    zephyr            zephyr dpo, fast path: prefix sharing + padding-free packing with per-pair attention,
+                      precomputed reference, gradient checkpointing (as TRL's default, for memory)
+    zephyr-no-X       the same with one optimisation off, X in share, precompute, gc, pairattn (the ablation;
+                      no-pairattn: the packed row's block mask goes to sdpa whole)
     zephyr-plain      zephyr dpo with TRL's layout (two padded rows per pair), frozen reference, checkpointing
     trl-default       TRL DPOTrainer with its defaults (bf16, gradient checkpointing)
     trl-best          TRL with its best options here: fp32 on CPUs without fast bf16, no gradient checkpointing,
@@ -45,6 +46,7 @@ ZEPHYR_OPTIONS = {
     "precompute": "precompute_ref_log_probs",
     "gc": "gradient_checkpointing",
 }
+# and `zephyr-no-pairattn`: prefix sharing with its block mask through sdpa instead of the per-pair attention
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there would their we him been has when who will more no if out so said what up its about "
@@ -115,14 +117,21 @@ def zephyr_options(name: str) -> dict[str, bool]:
         return {"prefix_sharing": False, "precompute_ref_log_probs": False, "gradient_checkpointing": True}
     options = {key: True for key in ZEPHYR_OPTIONS.values()}
     for off in name.split("-no-")[1:]:
-        options[ZEPHYR_OPTIONS[off]] = False
+        if off != "pairattn":
+            options[ZEPHYR_OPTIONS[off]] = False
     return options
 
 
-def run_zephyr(args, data_dir: Path, out: Path, *, options: dict[str, bool]) -> list[float]:
+def run_zephyr(
+    args, data_dir: Path, out: Path, *, options: dict[str, bool], pair_attention: bool = True
+) -> list[float]:
     import zephyr.train.loop as loop
+    import zephyr.train.pair_attention
     from zephyr.config import load_config
     from zephyr.train.dpo import run_dpo
+
+    if not pair_attention:  # the ablation: the packed row's block mask goes to sdpa whole
+        zephyr.train.pair_attention.enable = lambda model: False
 
     marks: list[float] = []
     original = loop.fault_point
@@ -200,7 +209,10 @@ def worker(args) -> None:
         out = Path(tmp) / "out"
         start = time.perf_counter()
         if args.worker.startswith("zephyr"):
-            marks = run_zephyr(args, data_dir, out, options=zephyr_options(args.worker))
+            marks = run_zephyr(
+                args, data_dir, out, options=zephyr_options(args.worker),
+                pair_attention="-no-pairattn" not in args.worker,
+            )  # fmt: skip
         else:
             marks = run_trl(args, rows, out, best=args.worker == "trl-best")
         total = time.perf_counter() - start

@@ -111,7 +111,26 @@ def parity_runs(request, tmp_path_factory, tiny_model_dir):
         "--chat_template=auto", "--save_strategy=no", "--eval_strategy=steps", f"--eval_steps={STEPS}",
         "--gradient_checkpointing=false",
     ] + [f"--{k}={v}" for k, v in VARIANTS[request.param][1].items()]  # fmt: skip
-    result = run_dpo(load_config("dpo", None, overrides), progress=False)
+    from transformers import AttentionInterface
+
+    from zephyr.train import pair_attention
+
+    pair_attention.register()
+    original, per_pair = AttentionInterface._global_mapping[pair_attention.NAME], []
+
+    def counting(*args, **kwargs):  # prefix sharing must run its per-pair attention, not the masked row
+        per_pair.append(kwargs.get("pair_segments") is not None)
+        return original(*args, **kwargs)
+
+    AttentionInterface._global_mapping[pair_attention.NAME] = counting
+    try:
+        result = run_dpo(load_config("dpo", None, overrides), progress=False)
+    finally:
+        AttentionInterface._global_mapping[pair_attention.NAME] = original
+    sharing = "prefix_sharing" in VARIANTS[request.param][1]
+    assert any(per_pair) == sharing, (
+        "per-pair attention ran" if not sharing else "per-pair attention never ran"
+    )
     log = result.state.log_history
     ours = [r for r in log if "loss" in r]
     our_eval = next(r for r in log if "eval_loss" in r)

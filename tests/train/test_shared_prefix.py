@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zephyr.train import pair_attention
 from zephyr.train.collate import PreferenceCollator
 from zephyr.train.dpo import model_inputs
 from zephyr.train.fused_head import attach_completion_head
@@ -21,19 +22,34 @@ def _rows() -> list[dict]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model():
+def _model(attention: str):
     from tiny import tiny_model, tiny_tokenizer
 
-    m = tiny_model(tiny_tokenizer(), seed=2)
+    m = tiny_model(tiny_tokenizer(), seed=2)  # 4 query heads over 2 key/value heads (GQA)
     attach_completion_head(m)
+    if attention == "pair":
+        assert pair_attention.enable(m)
     return m
 
 
+@pytest.fixture(scope="module")
+def model():
+    return _model("sdpa")
+
+
+@pytest.fixture(scope="module")
+def pair_model():
+    return _model("pair")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "pair"])  # the block mask through sdpa; per-pair attention
 @pytest.mark.parametrize(
     "truncation_mode, max_length", [("keep_start", None), ("keep_start", 12), ("keep_end", 15)]
 )
-def test_packed_shared_rows_give_the_same_logps_metrics_and_gradients(model, truncation_mode, max_length):
+def test_packed_shared_rows_give_the_same_logps_metrics_and_gradients(
+    model, pair_model, attention, truncation_mode, max_length
+):
+    """keep_end 15 also holds a pair that shares nothing (its own two causal blocks)."""
     rows = _rows()
     plain = PreferenceCollator(pad_token_id=0, max_length=max_length, truncation_mode=truncation_mode)(rows)
     packed = SharedPrefixCollator(pad_token_id=0, max_length=max_length, truncation_mode=truncation_mode)(
@@ -45,12 +61,13 @@ def test_packed_shared_rows_give_the_same_logps_metrics_and_gradients(model, tru
     assert packed["input_ids"].numel() < plain["attention_mask"].sum() < plain["input_ids"].numel()
 
     results = []
-    for batch in (plain, packed):
-        model.zero_grad()
-        inputs, _ = model_inputs(model, batch)
-        out = model(**inputs, with_metrics=True, with_wpo=True)
+    for m, batch in ((model, plain), (pair_model if attention == "pair" else model, packed)):
+        m.zero_grad()
+        inputs, _ = model_inputs(m, batch)
+        assert ("pair_segments" in inputs) == (m is pair_model)
+        out = m(**inputs, with_metrics=True, with_wpo=True)
         (out.logps.sum() + out.entropy_sum.sum()).backward()  # entropy has no gradient; logps does
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
         results.append((out, grads))
     (a, grad_a), (b, grad_b) = results
     for field in (
@@ -100,3 +117,42 @@ def test_eager_attention_gets_an_additive_mask():
     additive = model_attention_mask(Eager(), mask, torch.float32)
     assert additive.dtype == torch.float32 and additive[0, 0, 0, 1] == torch.finfo(torch.float32).min
     assert additive[0, 0, 1, 0] == 0 and additive[0, 0, 0, 0] == 0
+
+
+def test_pair_segments_describe_the_packed_row():
+    """keep_end 15: pairs 0 and 1 fit whole and share their prompts; pair 2 (prompt 14, completions 2 and 4) is
+    cut by 1 and 3 prompt tokens, so it shares nothing: two causal blocks of 15."""
+    packed = SharedPrefixCollator(pad_token_id=0, max_length=15, truncation_mode="keep_end")(_rows())
+    segments = packed["pair_segments"].tolist()
+    starts = [s[0] for s in segments]
+    ends = [s[0] + s[1] + s[2] + s[3] for s in segments]
+    assert (
+        starts == [0] + ends[:-1] and ends[-1] == packed["input_ids"].shape[1]
+    )  # they tile the row in order
+    assert segments == [[0, 9, 3, 6], [18, 4, 11, 1], [34, 0, 15, 15]]
+    positions = packed["position_ids"][0].tolist()
+    for start, shared, chosen, rejected in segments:  # the rejected part restarts after the shared prompt
+        assert positions[start + shared + chosen : start + shared + chosen + rejected] == list(
+            range(shared, shared + rejected)
+        )
+
+
+def test_pair_attention_without_segments_is_sdpa_and_is_not_saved(model, pair_model, tmp_path):
+    """Evaluation and generation with a switched model: a padded batch without pair_segments gives sdpa's
+    numbers, and a saved model's config does not name the in-process attention."""
+    batch = PreferenceCollator(pad_token_id=0)(_rows())
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = pair_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected)
+    pair_model.save_pretrained(tmp_path)
+    assert pair_attention.NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_pair_attention_is_only_enabled_on_sdpa():
+    from tiny import tiny_model
+
+    eager = tiny_model()
+    eager.config._attn_implementation = "eager"
+    assert not pair_attention.enable(eager)
+    assert eager.config._attn_implementation == "eager"

@@ -113,17 +113,21 @@ def model_inputs(model, batch) -> tuple[dict, torch.Tensor]:
     """The completion-head forward's inputs for BATCH and its labels [2B, T]: TRL's two padded rows per pair
     (`PreferenceCollator`), or one packed row with a shared prompt (`SharedPrefixCollator`)."""
     if "completion_gather" in batch:
-        from zephyr.train.shared_prefix import model_attention_mask
+        from zephyr.train import pair_attention
+        from zephyr.train.shared_prefix import attention_implementation, model_attention_mask
 
         unwrapped = getattr(model, "module", model)
         labels = batch["completion_labels"]
-        return {
+        inputs = {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
             "attention_mask": model_attention_mask(unwrapped, batch["attention_mask"], unwrapped.dtype),
             "completion_gather": batch["completion_gather"],
             "completion_labels": labels,
-        }, labels
+        }
+        if attention_implementation(unwrapped) == pair_attention.NAME:
+            inputs["pair_segments"] = pair_attention.segments_argument(batch["pair_segments"])
+        return inputs, labels
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     return {
         "input_ids": batch["input_ids"],
@@ -243,13 +247,16 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
 
 def preference_collator(cfg, tokenizer, model, accelerator):
     """TRL's layout (two padded rows per pair), or with `prefix_sharing` / `padding_free` one packed row per
-    micro-batch with each prompt once, when the model's attention takes the block mask that needs."""
+    micro-batch with each prompt once, when the model's attention takes the block mask that needs. An sdpa MODEL
+    is then switched to `pair_attention`, which computes only the blocks that mask lets through."""
+    from zephyr.train import pair_attention
     from zephyr.train.shared_prefix import SUPPORTED_ATTENTION, SharedPrefixCollator, attention_implementation
 
     pad = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
     if cfg.prefix_sharing or cfg.padding_free:
         implementation = attention_implementation(model)
         if implementation in SUPPORTED_ATTENTION:
+            pair_attention.enable(model)
             return SharedPrefixCollator(
                 pad_token_id=pad, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
             )
@@ -265,8 +272,10 @@ def preference_collator(cfg, tokenizer, model, accelerator):
 def run_dpo(cfg, *, progress: bool = True):
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.models import load_model
+    from zephyr.train import pair_attention
     from zephyr.train.loop import train
     from zephyr.train.runtime import finish, load_policy, make_accelerator, wrap_lora
+    from zephyr.train.shared_prefix import SharedPrefixCollator
 
     # ---- setup
     accelerator = make_accelerator(cfg)
@@ -294,6 +303,8 @@ def run_dpo(cfg, *, progress: bool = True):
         )
         ref_model.eval().requires_grad_(False)
         attach_completion_head(ref_model)
+        if isinstance(collate, SharedPrefixCollator):
+            pair_attention.enable(ref_model)
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
     if cfg.use_peft:
         policy = wrap_lora(cfg, policy)

@@ -28,7 +28,7 @@ import torch
 
 from zephyr.data.tokenize import preference_sequence
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "zephyr_pair_segments")  # the last: `pair_attention`
 _SHARED, _CHOSEN, _REJECTED = 0, 1, 2
 
 
@@ -40,6 +40,8 @@ class SharedPrefixCollator:
         input_ids:          [1, L] the packed row (L = Σ shared prompt + both completions; no padding)
         position_ids:       [1, L]
         attention_mask:     [1, 1, L, L] bool, True where a query (row) may attend a key (column)
+        pair_segments:      [B, 4] each pair's (row start, shared prompt, chosen, rejected) lengths, the same
+                            layout for `pair_attention`, which computes only what the mask lets through
         completion_gather:  [2B, T + 1] row positions of each sequence's hidden states, TRL's order [chosen; rejected]
         completion_labels:  [2B, T + 1] the matching labels (-100 outside completions), shifted like a causal LM's
         token_count:        [] the tokens TRL's two-row layout would hold without padding (its `num_tokens`)
@@ -56,6 +58,7 @@ class SharedPrefixCollator:
         groups: list[int] = []
         branches: list[int] = []
         chosen_views, rejected_views = [], []
+        segments: list[tuple[int, int, int, int]] = []
         token_count = 0
         for pair, r in enumerate(rows):
             chosen, chosen_mask = preference_sequence(
@@ -69,6 +72,7 @@ class SharedPrefixCollator:
             token_count += len(chosen) + len(rejected)
             shared = _shared_length(chosen, chosen_mask, rejected, rejected_mask)
             base = len(ids)
+            segments.append((base, shared, len(chosen) - shared, len(rejected) - shared))
             ids += chosen + rejected[shared:]
             positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
             groups += [pair] * (len(chosen) + len(rejected) - shared)
@@ -86,6 +90,7 @@ class SharedPrefixCollator:
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "attention_mask": block_mask(torch.tensor(groups), torch.tensor(branches))[None, None],
+            "pair_segments": torch.tensor(segments, dtype=torch.long),
             "completion_gather": gather,
             "completion_labels": labels,
             "token_count": torch.tensor(token_count),
