@@ -36,3 +36,58 @@ def test_bf16_by_default_only_where_the_cpu_runs_it_fast(monkeypatch, tmp_path, 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert runtime.use_bf16(types.SimpleNamespace(bf16=None)) is expected
     assert runtime.use_bf16(types.SimpleNamespace(bf16=False)) is False  # the recipe wins
+
+
+def _optim_cfg(optim: str):
+    return types.SimpleNamespace(
+        weight_decay=0.1, learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim=optim
+    )
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_adamw_uses_the_fused_kernel_on_cpu_and_it_steps_like_foreach(optim):
+    """Fused AdamW runs on CPUs too (0.13 s against foreach's 0.87 s a step on 135M parameters, 520 MB less peak
+    memory: benchmarks/optimizer_step.py); it must give foreach's update."""
+    import torch
+
+    from tiny import tiny_model
+    from zephyr.train.loop import build_optimizer
+
+    models = [tiny_model(seed=3), tiny_model(seed=3)]
+    fused = build_optimizer(models[0], _optim_cfg(optim))
+    groups = build_optimizer(models[1], _optim_cfg(optim)).param_groups
+    foreach = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=1e-2, foreach=True
+    )
+    assert fused.defaults["fused"] is True
+    for step in range(3):
+        for m, opt in zip(models, (fused, foreach), strict=True):
+            torch.manual_seed(step)
+            m(input_ids=torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "optim, cls", [("rmsprop", "RMSprop"), ("sgd", "SGD"), ("adagrad", "Adagrad"), ("adafactor", "Adafactor")]
+)
+def test_other_optimizers_are_the_ones_named_with_decay_on_the_decaying_groups_only(optim, cls):
+    from tiny import tiny_model
+    from zephyr.train.loop import build_optimizer
+
+    optimizer = build_optimizer(tiny_model(), _optim_cfg(optim))
+    assert type(optimizer).__name__ == cls
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]
+    assert all(g["lr"] == 1e-2 for g in optimizer.param_groups)
+
+
+def test_an_optimizer_zephyr_does_not_build_is_refused_before_anything_loads(tmp_path):
+    from zephyr.config import load_config
+
+    cfg = load_config("sft", None, ["--optim=lion_32bit", f"--output_dir={tmp_path}"])
+    with pytest.raises(
+        ConfigError, match="optim: lion_32bit .* use one of adamw_torch, adamw_torch_fused, sgd"
+    ):
+        runtime.make_accelerator(cfg)

@@ -65,6 +65,9 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
+    from zephyr.train.loop import check_optimizer
+
+    check_optimizer(cfg)  # before anything loads
     mixed = "bf16" if use_bf16(cfg) else ("fp16" if cfg.fp16 else "no")
     trackers = report_trackers(cfg.report_to)
     accelerator = Accelerator(
