@@ -239,7 +239,8 @@ class DPOConfig(RecipeConfig):
     max_completion_length: int | None = None
     reference_free: bool = False
     ref_model_name_or_path: str | None = None  # None: a frozen copy of the starting model
-    precompute_ref_log_probs: bool = False
+    # None (unset): precompute when the run trains on every pair at least once (zephyr.train.dpo.precompute_choice)
+    precompute_ref_log_probs: bool | None = None
     precompute_ref_batch_size: int | None = None
     disable_dropout: bool = True
     rpo_alpha: float | None = None
@@ -254,7 +255,8 @@ class DPOConfig(RecipeConfig):
     padding_value: int | None = None
     # Zephyr's fast layout: each pair's prompt runs once and a micro-batch is one packed row with no padding
     # (zephyr.train.shared_prefix); same numbers as TRL's two padded rows per pair. `padding_free: true` asks for it too.
-    prefix_sharing: bool = False
+    # None (unset): on wherever the model's attention takes it (sdpa, eager); false: TRL's layout.
+    prefix_sharing: bool | None = None
     generate_during_eval: bool = False
     force_use_ref_model: bool = False
     model_adapter_name: str | None = None

@@ -42,14 +42,16 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-7)
 
 
-# Settings beyond plain DPO whose numbers TRL defines (LD-DPO's length-desensitised log-probs, WPO's weights), and
-# Zephyr's own packed layout with shared prompts, which must give TRL's numbers: (TRL's keys, Zephyr's extra keys).
+# Settings beyond plain DPO whose numbers TRL defines (LD-DPO's length-desensitised log-probs, WPO's weights), in
+# TRL's layout of two padded rows per pair, and Zephyr's default packed layout with shared prompts, which must give
+# TRL's numbers: (TRL's keys, Zephyr's extra keys).
+TRL_LAYOUT = {"prefix_sharing": False}
 VARIANTS = {
-    "dpo": ({}, {}),
-    "ld_alpha": ({"ld_alpha": 0.5}, {}),
-    "wpo": ({"use_weighting": True}, {}),
-    "prefix_sharing": ({}, {"prefix_sharing": True}),
-    "prefix_sharing_ld_alpha": ({"ld_alpha": 0.5}, {"prefix_sharing": True}),
+    "dpo": ({}, TRL_LAYOUT),
+    "ld_alpha": ({"ld_alpha": 0.5}, TRL_LAYOUT),
+    "wpo": ({"use_weighting": True}, TRL_LAYOUT),
+    "prefix_sharing": ({}, {}),  # the default
+    "prefix_sharing_ld_alpha": ({"ld_alpha": 0.5}, {}),
 }
 
 
@@ -127,7 +129,7 @@ def parity_runs(request, tmp_path_factory, tiny_model_dir):
         result = run_dpo(load_config("dpo", None, overrides), progress=False)
     finally:
         AttentionInterface._global_mapping[pair_attention.NAME] = original
-    sharing = "prefix_sharing" in VARIANTS[request.param][1]
+    sharing = VARIANTS[request.param][1].get("prefix_sharing", True)
     assert any(per_pair) == sharing, (
         "per-pair attention ran" if not sharing else "per-pair attention never ran"
     )

@@ -156,9 +156,9 @@ def test_sigterm_or_sigint_checkpoints_at_the_step_boundary_and_resumes(setup, t
 
 def test_sigkill_during_the_reference_pass_computes_it_again(setup, tiny_model_dir, cache, capsys):
     """Killed while the reference model's log-probs are being precomputed: nothing is cached and no checkpoint
-    exists, so the next run computes them from the start and trains from step 1 (precomputed log-probs of the same
-    model give the same metrics as the frozen reference of the uninterrupted run)."""
-    tmp, data, expected = setup
+    exists, so the next run computes them from the start and trains from step 1, with the metrics of a run that
+    was never interrupted (and reuses the cache the resumed run wrote)."""
+    tmp, data, _ = setup
     out = tmp / "precompute"
     killed = _dpo(tiny_model_dir, data, out, "--precompute_ref_log_probs=true", fault="precompute")
     assert killed.returncode == -signal.SIGKILL
@@ -169,7 +169,10 @@ def test_sigkill_during_the_reference_pass_computes_it_again(setup, tiny_model_d
     printed = capsys.readouterr().out
     assert "reusing" not in printed and "resumed from" not in printed
     assert len(list((cache / "ref_logps").glob("*.pt"))) == 1  # the train split's, now complete
-    _matches_uninterrupted(out, expected)
+    whole = tmp / "precompute-whole"
+    _dpo_here(tiny_model_dir, data, whole, "--precompute_ref_log_probs=true")
+    assert "reusing" in capsys.readouterr().out
+    _matches_uninterrupted(out, _steps(whole))
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: f"seed{seed}")

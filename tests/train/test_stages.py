@@ -179,7 +179,9 @@ def reference_passes(monkeypatch) -> list[str]:
 def test_precomputed_reference_matches_the_frozen_model_and_is_reused(
     tmp_path, tiny_model_dir, prefs, cache, reference_passes, capsys
 ):
-    frozen = _dpo(tiny_model_dir, prefs, tmp_path / "frozen", "--max_steps=3")
+    frozen = _dpo(
+        tiny_model_dir, prefs, tmp_path / "frozen", "--max_steps=3", "--precompute_ref_log_probs=false"
+    )
     assert not reference_passes
     precomputed = _dpo(
         tiny_model_dir, prefs, tmp_path / "pre", "--max_steps=3", "--precompute_ref_log_probs=true"
@@ -204,6 +206,58 @@ def test_precomputed_reference_matches_the_frozen_model_and_is_reused(
     assert printed.count("reference log-probs: reusing") == 2
     assert sorted((cache / "ref_logps").glob("*.pt")) == files
     assert _steps(again.state.log_history)[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], True),  # an epoch: every pair is trained on
+        (["--max_steps=3"], False),  # 3 x 2 pairs of 8: precomputing would pay for 2 never used
+        (["--max_steps=2", "--gradient_accumulation_steps=2"], True),  # 2 x 4: all 8
+        (["--max_steps=1", "--precompute_ref_log_probs=true"], True),  # set: obeyed
+        (["--precompute_ref_log_probs=false"], False),
+        (["--reference_free=true"], False),  # no reference at all
+        (["--reference_free=true", "--precompute_ref_log_probs=true"], False),
+    ],
+)
+def test_the_reference_is_precomputed_by_default_when_the_run_uses_every_pair(extra, expected, tmp_path):
+    from zephyr.train.dpo import precompute_choice
+
+    cfg = load_config(
+        "dpo",
+        None,
+        ["--per_device_train_batch_size=2", "--num_train_epochs=1", f"--output_dir={tmp_path}", *extra],
+    )
+    chosen, why = precompute_choice(cfg, num_pairs=8, num_processes=1)
+    assert chosen is expected
+    if (
+        "precompute_ref_log_probs" not in " ".join(extra) and not cfg.reference_free
+    ):  # Zephyr chose: it says so
+        assert why and ("precomputed" in why if expected else "6 of 8 pairs" in why)
+
+
+def test_the_fast_layout_and_cache_are_the_defaults_and_the_record_says_what_ran(
+    tmp_path, tiny_model_dir, prefs, cache, capsys
+):
+    """Unset, prefix sharing runs (the tiny model's attention is sdpa) and a run over every pair precomputes its
+    reference; the run record and card name what ran, not `null`."""
+    out = tmp_path / "defaults"
+    result = _dpo(tiny_model_dir, prefs, out)  # 2 steps x 4 = the 8 pairs
+    assert len(_steps(result.state.log_history)) == 2
+    assert "reference log-probs: precomputed before training" in capsys.readouterr().out  # computed or reused
+    record = json.loads((out / "zephyr_run.json").read_text())
+    config = record["config"]
+    assert config["prefix_sharing"] is True and config["precompute_ref_log_probs"] is True
+    plain = _dpo(
+        tiny_model_dir,
+        prefs,
+        tmp_path / "plain",
+        "--prefix_sharing=false",
+        "--precompute_ref_log_probs=false",
+    )
+    for a, b in zip(_steps(plain.state.log_history), _steps(result.state.log_history), strict=True):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
 def test_the_reference_cache_key_follows_data_and_truncation(tmp_path, tiny_model_dir, prefs):

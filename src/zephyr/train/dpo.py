@@ -242,6 +242,31 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
     return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
 
 
+def precompute_choice(cfg, num_pairs: int, num_processes: int) -> tuple[bool, str | None]:
+    """(precompute the reference log-probs?, what to tell the user when Zephyr chose).
+
+    Set, `precompute_ref_log_probs` is obeyed. Unset, they are precomputed whenever the run trains on every pair at
+    least once: one no-grad pass (cached on disk, so later runs on the same data and reference skip it) replaces a
+    reference forward in every step, and for full fine-tuning the reference model leaves memory. A run of
+    `max_steps` that sees only part of the data would pay for rows it never trains on, so its reference runs
+    alongside the policy instead."""
+    if cfg.precompute_ref_log_probs is not None:
+        return bool(cfg.precompute_ref_log_probs) and not cfg.reference_free, None
+    if cfg.reference_free or cfg.sync_ref_model:
+        return False, None
+    if cfg.max_steps > 0:
+        seen = cfg.max_steps * cfg.global_batch_size(num_processes)
+        if seen < num_pairs:
+            return False, (
+                f"reference log-probs: computed in each step, as this run trains on {seen} of {num_pairs} pairs "
+                "(precompute_ref_log_probs: true computes them for all pairs first)"
+            )
+    return True, (
+        "reference log-probs: precomputed before training, as the run trains on every pair "
+        "(precompute_ref_log_probs: false keeps the reference model in each step)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -253,17 +278,20 @@ def preference_collator(cfg, tokenizer, model, accelerator):
     from zephyr.train.shared_prefix import SUPPORTED_ATTENTION, SharedPrefixCollator, attention_implementation
 
     pad = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
-    if cfg.prefix_sharing or cfg.padding_free:
+    asked = cfg.prefix_sharing is True or cfg.padding_free
+    if asked or cfg.prefix_sharing is None:  # unset: the fast layout wherever it runs
         implementation = attention_implementation(model)
         if implementation in SUPPORTED_ATTENTION:
             pair_attention.enable(model)
             return SharedPrefixCollator(
                 pad_token_id=pad, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
             )
-        accelerator.print(
-            f"note: prefix sharing needs an attention that takes a block mask ({', '.join(SUPPORTED_ATTENTION)}); "
-            f"this model uses {implementation}, so pairs go in TRL's two padded rows"
-        )
+        if asked:
+            accelerator.print(
+                f"note: prefix sharing needs an attention that takes a block mask "
+                f"({', '.join(SUPPORTED_ATTENTION)}); this model uses {implementation}, so pairs go in TRL's two "
+                "padded rows"
+            )
     return PreferenceCollator(
         pad_token_id=pad, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
     )
@@ -312,7 +340,11 @@ def run_dpo(cfg, *, progress: bool = True):
             policy.print_trainable_parameters()
 
     train_ds, test_ds = data.train, data.test
-    if cfg.precompute_ref_log_probs and not cfg.reference_free:
+    cfg.prefix_sharing = isinstance(collate, SharedPrefixCollator)  # what runs, for the run record and card
+    cfg.precompute_ref_log_probs, why = precompute_choice(cfg, len(train_ds), accelerator.num_processes)
+    if why:
+        accelerator.print(why)
+    if cfg.precompute_ref_log_probs:
         precision = accelerator.mixed_precision
         if ref_model is None:  # LoRA without an explicit reference: the base model before any adapter step
             ref_model = policy
