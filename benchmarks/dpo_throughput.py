@@ -361,13 +361,13 @@ def main() -> None:
         f"mean tokens per pair (both sequences): {sum(tokens) / len(tokens):.0f}; timed steps per run: {args.steps} x {args.rounds} rounds\n"
     )
     header = (
-        f"{'contender':14s} {'s/step':>8s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak MB':>8s} {'run s':>7s}"
+        f"{'contender':22s} {'s/step':>8s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak MB':>8s} {'run s':>7s}"
     )
     baselines = [b for b in ("trl-default", "trl-best") if b in rows_out]
     header += "".join(f" {'x ' + b:>15s}" for b in baselines)
     print(header)
     for name, r in rows_out.items():
-        line = f"{name:14s} {r['s_per_step']:8.2f} {r['pairs_per_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mb']:8.0f} {r['total_s']:7.0f}"
+        line = f"{name:22s} {r['s_per_step']:8.2f} {r['pairs_per_s']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mb']:8.0f} {r['total_s']:7.0f}"
         for b in baselines:
             ratio_speed = r["pairs_per_s"] / rows_out[b]["pairs_per_s"]
             ratio_mem = r["peak_mb"] / rows_out[b]["peak_mb"]

@@ -4,8 +4,11 @@ program."""
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
+
+import pytest
 
 from zephyr.chat import chat_loop
 from zephyr.engine import Completion, SamplingParams
@@ -83,7 +86,16 @@ def test_conversation_is_kept_and_commands_work():
     assert "answer 2" in text and "unknown command /nope" in text and "conversation cleared" in text
 
 
-def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():
+@pytest.fixture
+def terminal_sigint():
+    """A terminal's Python has its default SIGINT handler (raise KeyboardInterrupt); interrupt_main() calls whatever
+    handler is installed, and a server run earlier in this process may have left its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(terminal_sigint):
     engine, out = EndlessEngine(), []
     first_piece = threading.Event()
 
