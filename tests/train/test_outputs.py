@@ -184,3 +184,83 @@ def test_results_table_is_markdown_with_centred_columns():
         "| 0.6931 | 0.5 | 2 | No log |",
         "| 0.6813 | 0.75 | 3 | No log |",
     ]
+
+
+# ---------------------------------------------------------------------------------------------- push_to_hub and notes
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi (nothing can reach the Hub here): records the calls, or fails."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok))
+        if FakeHub.fail:
+            raise FakeHub.fail
+        return type("Url", (), {"repo_id": f"someone/{repo_id}"})()
+
+    def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHub.calls.append(("upload_folder", repo_id, files, ignore_patterns))
+
+
+def _dpo_run(tiny_model_dir, tmp_path, *extra):
+    from zephyr.config import load_config
+    from zephyr.train.dpo import run_dpo
+
+    data = tmp_path / "prefs"
+    _jsonl(data / "train.jsonl", [_pair(i) for i in range(4)])
+    args = [f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", f"--output_dir={tmp_path / 'out'}",
+            "--max_steps=1", "--per_device_train_batch_size=2", "--bf16=false", "--gradient_checkpointing=false",
+            "--max_length=64", "--save_strategy=no", *extra]  # fmt: skip
+    return run_dpo(load_config("dpo", None, args), progress=False)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHub.calls, FakeHub.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    return FakeHub
+
+
+def test_push_to_hub_uploads_the_finished_folder_once_and_says_so(tiny_model_dir, tmp_path, fake_hub, capsys):
+    _dpo_run(
+        tiny_model_dir, tmp_path, "--push_to_hub=true", "--hub_model_id=tiny-dpo", "--hub_private_repo=true"
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "hub_strategy every_save: Zephyr pushes the finished model once, at the end (to tiny-dpo)" in printed
+    )
+    (create, upload) = fake_hub.calls
+    assert create == ("create_repo", "tiny-dpo", True, True)
+    assert upload[1] == "someone/tiny-dpo" and {"model.safetensors", "README.md", "zephyr_run.json"} <= set(
+        upload[2]
+    )
+    assert "checkpoint-*" in upload[3]
+    assert "pushed " in printed and "someone/tiny-dpo" in printed
+
+
+def test_a_failed_push_keeps_the_model_and_says_how_to_push_it_later(tiny_model_dir, tmp_path, fake_hub):
+    from zephyr.errors import ZephyrError
+
+    fake_hub.fail = OSError("no network")
+    with pytest.raises(
+        ZephyrError, match=r"the model is saved in .*out, but pushing it to the Hub as out failed"
+    ):
+        _dpo_run(tiny_model_dir, tmp_path, "--push_to_hub=true", "--hub_strategy=end")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_keys_without_effect_are_named_when_set(tmp_path):
+    from zephyr.config import load_config
+    from zephyr.train.runtime import unused_key_notes
+
+    cfg = load_config("dpo", None, [f"--output_dir={tmp_path}", "--do_eval=true", "--use_liger_kernel=true"])
+    (line,) = unused_key_notes(cfg)
+    assert line.startswith("note: set but without effect in Zephyr: do_eval (")
+    assert "use_liger_kernel (Zephyr's chunked completion head" in line
+    assert unused_key_notes(load_config("dpo", None, [f"--output_dir={tmp_path}"])) == []

@@ -80,12 +80,60 @@ def make_accelerator(cfg):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
     )
     _check_launch(accelerator, cfg)
+    for line in unused_key_notes(cfg):
+        accelerator.print(line)
     if trackers:
         accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name)
     set_seed(cfg.seed)
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     return accelerator
+
+
+# Keys the handbook's and TRL's recipes carry that change nothing in a Zephyr run, with the reason. Zephyr accepts
+# them so those recipes load, and names any that is set away from its default when a run starts.
+NO_EFFECT = {
+    "overwrite_output_dir": "a run writes into output_dir either way, and resume_from_checkpoint decides whether "
+    "it continues from a checkpoint there",
+    "do_train": "the stage command trains",
+    "do_eval": "eval_strategy decides when to evaluate",
+    "log_level": "Zephyr prints its own progress and notes",
+    "logging_strategy": "logging_steps decides when to log",
+    "logging_first_step": "logging_steps decides when to log",
+    "remove_unused_columns": "tokenization keeps only the columns training reads",
+    "torch_compile": "not used: packed rows change length every step, and no measurement showed it paying "
+    "(docs/performance.md)",
+    "use_liger_kernel": "Zephyr's chunked completion head already fuses the LM head and log-softmax",
+    "save_only_model": "checkpoints always hold the optimizer and data order, for an exact resume",
+    "completion_only_loss": "assistant_only_loss decides which tokens carry the SFT loss",
+    "dataset_text_field": "rows are read by their schema (see zephyr data inspect)",
+    "dataset_kwargs": "rows are read by their schema (see zephyr data inspect)",
+    "eos_token": "the chat template's end-of-turn token ends each reply",
+    "truncation_side": "truncation_mode decides (keep_start or keep_end)",
+    "generate_during_eval": "zephyr eval demo / eval mt-bench generate from the saved model",
+    "force_use_ref_model": "a reference model is loaded whenever the run needs one",
+    "model_adapter_name": "LoRA runs use the adapter Zephyr creates",
+    "ref_adapter_name": "the LoRA reference is the base model with the adapter disabled",
+}
+
+
+def unused_key_notes(cfg) -> list[str]:
+    """One note naming each NO_EFFECT key set away from its default, and hub_strategy's reach."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    notes = [
+        f"{key} ({why})"
+        for key, why in NO_EFFECT.items()
+        if hasattr(cfg, key) and key in defaults and getattr(cfg, key) != defaults[key]
+    ]
+    lines = [f"note: set but without effect in Zephyr: {'; '.join(notes)}"] if notes else []
+    if cfg.push_to_hub and cfg.hub_strategy != "end":
+        lines.append(
+            f"note: hub_strategy {cfg.hub_strategy}: Zephyr pushes the finished model once, at the end "
+            f"(to {hub_repo_id(cfg)}); checkpoints stay local"
+        )
+    return lines
 
 
 def _check_launch(accelerator, cfg) -> None:
@@ -344,5 +392,42 @@ def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
             raise
         if accelerator.is_main_process:
             _write_card(output_dir)
+            if cfg.push_to_hub:
+                push_to_hub(cfg, Path(output_dir))
     accelerator.end_training()
     return result
+
+
+def hub_repo_id(cfg) -> str:
+    """Where `push_to_hub` sends the model: `hub_model_id` (a bare name goes under the token's user), else the
+    output folder's name, as transformers' Trainer does."""
+    return cfg.hub_model_id or Path(cfg.output_dir).name
+
+
+def push_to_hub(cfg, folder: Path) -> str:
+    """Upload the finished model FOLDER (weights, tokenizer, card, run record; not the checkpoints) to the Hub.
+
+    Zephyr pushes once, at the end, whatever `hub_strategy` says; the run said so when it started. A push that
+    fails (no network, no token, no rights) leaves the saved folder as it is and is an error that says how to push
+    it later."""
+    from huggingface_hub import HfApi
+
+    from zephyr.errors import ZephyrError
+
+    repo_id = hub_repo_id(cfg)
+    try:
+        api = HfApi()
+        repo = api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo.repo_id,
+            commit_message="zephyr: end of training",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"],
+        )
+    except Exception as err:  # noqa: BLE001 - any failure of the hub client: the model is saved either way
+        raise ZephyrError(
+            f"the model is saved in {folder}, but pushing it to the Hub as {repo_id} failed "
+            f"({type(err).__name__}: {err}); push it later with: hf upload {repo_id} {folder}"
+        ) from err
+    print(f"pushed {folder} to the Hub as {repo.repo_id}")
+    return repo.repo_id
