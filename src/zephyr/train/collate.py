@@ -60,14 +60,17 @@ class PreferenceCollator:
             "attention_mask": pad_right([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
             "completion_mask": pad_right(masks, 0, self.pad_to_multiple_of),
         }
-        if "ref_chosen_logps" in rows[0]:
-            batch["ref_chosen_logps"] = torch.tensor(
-                [r["ref_chosen_logps"] for r in rows], dtype=torch.float32
-            )
-            batch["ref_rejected_logps"] = torch.tensor(
-                [r["ref_rejected_logps"] for r in rows], dtype=torch.float32
-            )
-        return batch
+        return {**batch, **reference_columns(rows)}
+
+
+def reference_columns(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """`ref_chosen_logps` / `ref_rejected_logps` [B] when the rows carry precomputed reference log-probs, else {}."""
+    if "ref_chosen_logps" not in rows[0]:
+        return {}
+    return {
+        key: torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        for key in ("ref_chosen_logps", "ref_rejected_logps")
+    }
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from zephyr.data.tokenize import preference_sequence
+from zephyr.train.collate import reference_columns
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "zephyr_pair_segments")  # the last: `pair_attention`
 _SHARED, _CHOSEN, _REJECTED = 0, 1, 2
@@ -95,14 +96,7 @@ class SharedPrefixCollator:
             "completion_labels": labels,
             "token_count": torch.tensor(token_count),
         }
-        if "ref_chosen_logps" in rows[0]:
-            batch["ref_chosen_logps"] = torch.tensor(
-                [r["ref_chosen_logps"] for r in rows], dtype=torch.float32
-            )
-            batch["ref_rejected_logps"] = torch.tensor(
-                [r["ref_rejected_logps"] for r in rows], dtype=torch.float32
-            )
-        return batch
+        return {**batch, **reference_columns(rows)}
 
 
 def _shared_length(
