@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 NAME = "zephyr_pair_segments"
-SEGMENT_FIELDS = 4  # (row start, shared prompt length, chosen length after it, rejected length after it)
 
 
 def register() -> None:
