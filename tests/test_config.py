@@ -498,10 +498,18 @@ def test_every_recipe_readme_gives_both_launch_commands(path):
 
 def test_accelerate_configs_are_plain_accelerate_files():
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in (RECIPES / "accelerate").glob("*.yaml")}
-    assert set(configs) == {"ddp", "fsdp", "zero2", "multi_cpu"}
+    assert set(configs) == {"ddp", "fsdp", "zero2", "zero3", "multi_cpu"}
     types = {name: c["distributed_type"] for name, c in configs.items()}
-    assert types == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "multi_cpu": "MULTI_GPU"}
+    assert types == {
+        "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "multi_cpu": "MULTI_GPU"
+    }  # fmt: skip
     assert configs["zero2"]["deepspeed_config"]["zero_stage"] == 2
+    # ZeRO-3 with the alignment-handbook's keys (its recipes/accelerate_configs/zero3.yaml)
+    assert configs["zero3"]["deepspeed_config"] == {
+        "deepspeed_multinode_launcher": "standard", "offload_optimizer_device": "none", "offload_param_device": "none",
+        "zero3_init_flag": True, "zero3_save_16bit_model": True, "zero_stage": 3,
+    }  # fmt: skip
+    assert configs["fsdp"]["fsdp_config"]["fsdp_version"] == 2
     assert configs["multi_cpu"]["num_processes"] == 2 and configs["multi_cpu"]["mixed_precision"] == "no"
 
 

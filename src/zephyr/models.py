@@ -403,7 +403,9 @@ def _check_model_folder(folder: Path) -> None:
 
 def check_vocabulary(model, tokenizer) -> None:
     """Raise unless every token id of TOKENIZER has a row in MODEL's input embedding."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings()
+    # num_embeddings, not the weight's shape: a ZeRO-3 partition reads as shape (0,)
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
     if rows < len(tokenizer):
         raise ZephyrError(
             f"the model has {rows} embedding rows but the tokenizer has {len(tokenizer)} tokens, so some token "

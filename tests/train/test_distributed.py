@@ -107,9 +107,9 @@ def _chats(folder: Path) -> Path:
 def test_accelerate_launch_sft_on_two_cpu_processes_matches_one_and_says_what_it_ran(
     tmp_path, tiny_model_dir
 ):
-    """`accelerate launch` with an FSDP config and 2 processes on CPUs: accelerate runs it as plain data
-    parallelism (FSDP needs GPUs), which zephyr says; the SFT loss is normalised by the tokens of both processes,
-    so 2 x 2 rows give the 1 x 4 rows run's losses and gradient norms."""
+    """`accelerate launch` with an FSDP2 config and 2 processes on CPUs: the parameters are sharded for real
+    (accelerate alone would run it as plain data parallelism), which zephyr says; the SFT loss is normalised by the
+    tokens of both processes, so 2 x 2 rows give the 1 x 4 rows run's losses and gradient norms."""
     data = _chats(tmp_path / "chat")
     args = ["sft", f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", "--max_steps=2",
             "--learning_rate=1e-3", "--logging_steps=1", "--bf16=false", "--save_strategy=no",
@@ -131,9 +131,12 @@ def test_accelerate_launch_sft_on_two_cpu_processes_matches_one_and_says_what_it
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "asks for FSDP, which accelerate runs only on GPUs; this run is MULTI_CPU with 2" in two.stdout
+    assert (
+        "FSDP2 on 2 CPU process(es) (gloo): parameters, gradients and optimizer state sharded" in two.stdout
+    )
     record = json.loads((tmp_path / "two" / "zephyr_run.json").read_text())
     assert record["num_processes"] == 2 and record["total_train_batch_size"] == 4
+    assert record["distributed_type"] == "FSDP" and record["parameter_share_per_process"] < 0.6
     single, double = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert len(single) == len(double) == 2
     for a, b in zip(single, double, strict=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from zephyr.errors import ConfigError
 from zephyr.train.checkpoint import fault_point
 from zephyr.train.collate import PreferenceCollator
+from zephyr.train.distributed import is_sharded, shard_reference, whole_weights_on_every_process
 from zephyr.train.fused_head import attach_completion_head
 from zephyr.train.objectives import (
     check_loss_config,
@@ -208,8 +210,10 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
         batch_size = cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size
         rank, world = accelerator.process_index, accelerator.num_processes
         indices = list(range(rank, len(dataset), world))
+        # A sharded model's forward is collective: every process runs as many rows (the extra are dropped below).
+        padded = indices + [indices[0] if indices else 0] * (math.ceil(len(dataset) / world) - len(indices))
         loader = DataLoader(
-            torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate
+            torch.utils.data.Subset(dataset, padded), batch_size=batch_size, collate_fn=collate
         )
         chosen, rejected = [], []
         for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
@@ -223,8 +227,8 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
             rejected.append(r.cpu())
         local = {
             "index": torch.tensor(indices, dtype=torch.long),
-            "chosen": torch.cat(chosen) if chosen else torch.zeros(0),
-            "rejected": torch.cat(rejected) if rejected else torch.zeros(0),
+            "chosen": torch.cat(chosen)[: len(indices)] if chosen else torch.zeros(0),
+            "rejected": torch.cat(rejected)[: len(indices)] if rejected else torch.zeros(0),
         }
         from accelerate.utils import gather_object
 
@@ -242,14 +246,26 @@ def precompute_reference(cfg, accelerator, ref_model, dataset, collate, *, ref_n
     return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
 
 
-def precompute_choice(cfg, num_pairs: int, num_processes: int) -> tuple[bool, str | None]:
+def precompute_choice(
+    cfg, num_pairs: int, num_processes: int, *, sharded: bool = False
+) -> tuple[bool, str | None]:
     """(precompute the reference log-probs?, what to tell the user when Zephyr chose).
+
+    A LoRA run's reference is its own base model, which under FSDP / ZeRO-3 is sharded only once the loop prepares
+    it: its reference log-probs are computed in the step, where the sharded model's forward gathers its weights.
 
     Set, `precompute_ref_log_probs` is obeyed. Unset, they are precomputed whenever the run trains on every pair at
     least once: one no-grad pass (cached on disk, so later runs on the same data and reference skip it) replaces a
     reference forward in every step, and for full fine-tuning the reference model leaves memory. A run of
     `max_steps` that sees only part of the data would pay for rows it never trains on, so its reference runs
     alongside the policy instead."""
+    if sharded and cfg.use_peft and not cfg.reference_free and not cfg.ref_model_name_or_path:
+        if cfg.precompute_ref_log_probs:
+            raise ConfigError(
+                "precompute_ref_log_probs: true with LoRA under FSDP or ZeRO-3 is not supported (the base model is "
+                "not sharded before training starts); leave it unset to compute the reference in each step"
+            )
+        return False, "reference log-probs: computed in each step (LoRA on sharded weights)"
     if cfg.precompute_ref_log_probs is not None:
         return bool(cfg.precompute_ref_log_probs) and not cfg.reference_free, None
     if cfg.reference_free or cfg.sync_ref_model:
@@ -322,18 +338,19 @@ def run_dpo(cfg, *, progress: bool = True):
     ref_model = None
     needs_ref_model = not cfg.reference_free and (not cfg.use_peft or cfg.ref_model_name_or_path)
     if needs_ref_model:
-        ref_model = load_model(
-            ref_name,
-            dtype=cfg.dtype,
-            revision=cfg.model_revision,
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-        )
+        with whole_weights_on_every_process():
+            ref_model = load_model(
+                ref_name,
+                dtype=cfg.dtype,
+                revision=cfg.model_revision,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+            )
         ref_model.eval().requires_grad_(False)
         attach_completion_head(ref_model)
         if isinstance(collate, SharedPrefixCollator):
             pair_attention.enable(ref_model)
-        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+        ref_model = shard_reference(ref_model, accelerator)
     if cfg.use_peft:
         policy = wrap_lora(cfg, policy)
         if accelerator.is_main_process:
@@ -341,7 +358,9 @@ def run_dpo(cfg, *, progress: bool = True):
 
     train_ds, test_ds = data.train, data.test
     cfg.prefix_sharing = isinstance(collate, SharedPrefixCollator)  # what runs, for the run record and card
-    cfg.precompute_ref_log_probs, why = precompute_choice(cfg, len(train_ds), accelerator.num_processes)
+    cfg.precompute_ref_log_probs, why = precompute_choice(
+        cfg, len(train_ds), accelerator.num_processes, sharded=is_sharded(accelerator)
+    )
     if why:
         accelerator.print(why)
     if cfg.precompute_ref_log_probs:

@@ -81,7 +81,8 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_norm = "norm" in name.lower() or p.ndim < 2
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partition reads as shape (0,): its whole shape
+        is_norm = "norm" in name.lower() or len(shape) < 2
         (no_decay if is_norm or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -252,11 +253,26 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
     return out
 
 
-def _is_deepspeed(accelerator) -> bool:
+def _window_normalization(accelerator, objective, cfg) -> tuple[bool, bool]:
+    """(normalise the loss over the accumulation window's tokens?, by dividing before backward?).
+
+    The gradients are normally divided by the window's token count at the step, once every micro-batch has counted
+    its tokens. DeepSpeed keeps the gradients inside its engine, out of reach: with one micro-batch per step the count
+    is known before backward and divides the loss instead (the same gradient); with more, the loss is the mean of
+    the micro-batches' token means, and the run says so."""
     from accelerate.utils import DistributedType
 
-    # DeepSpeed keeps the gradients inside its engine, out of reach of `_scale_gradients`: per-micro-batch means.
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not getattr(objective, "normalize_over_window", False):
+        return False, False
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return True, False
+    if cfg.gradient_accumulation_steps == 1:
+        return True, True
+    accelerator.print(
+        "note: under DeepSpeed with gradient_accumulation_steps > 1 the loss is the mean of each micro-batch's "
+        "token mean, not one mean over the tokens of the whole step (DeepSpeed holds the gradients)"
+    )
+    return False, False
 
 
 def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
@@ -384,7 +400,7 @@ def train(
     window_losses: list[float] = []  # one per optimizer step since the last log
     micro_losses: list[float] = []  # the current step's micro-batches
     step_nll, step_items = 0.0, 0.0  # the current step's labelled-token loss sum and count, all processes
-    windowed = getattr(objective, "normalize_over_window", False) and not _is_deepspeed(accelerator)
+    windowed, divide_before_backward = _window_normalization(accelerator, objective, cfg)
     window_tokens, window_start = 0, time.perf_counter()
     stopped_early = False
 
@@ -409,14 +425,19 @@ def train(
                     if not torch.isfinite(loss.detach()).all():
                         _diverged("loss", loss, state.global_step + 1, output_dir)
                     if windowed:
-                        # Backpropagate the token sum (accelerate divides by the accumulation steps: undone here);
-                        # the gradients are divided by the window's token count once it is known, at the step.
-                        accelerator.backward(loss * items * accelerator.gradient_accumulation_steps)
                         sums = accelerator.gather(
                             torch.stack([loss.detach().float() * items, loss.new_tensor(items)])
                         )
                         step_nll += float(sums.reshape(-1, 2)[:, 0].sum())
                         step_items += float(sums.reshape(-1, 2)[:, 1].sum())
+                        if divide_before_backward:  # the window is this micro-batch: its token count is known
+                            accelerator.backward(
+                                loss * items * accelerator.num_processes / max(step_items, 1.0)
+                            )
+                        else:
+                            # Backpropagate the token sum (accelerate divides by the accumulation steps: undone
+                            # here); the gradients are divided by the window's token count at the step.
+                            accelerator.backward(loss * items * accelerator.gradient_accumulation_steps)
                     else:
                         accelerator.backward(loss)
                         micro_losses.append(
@@ -425,7 +446,7 @@ def train(
                     grad_norm = None
                     if accelerator.sync_gradients:
                         fault_point(f"step:{state.global_step + 1}")
-                        if windowed:  # DDP averaged the gradients over processes: the count is of all of them
+                        if windowed and not divide_before_backward:  # DDP averaged over processes: count all
                             _scale_gradients(model, accelerator.num_processes / max(step_items, 1.0))
                         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from zephyr.errors import ConfigError
+from zephyr.train.distributed import accelerator_on_cpu, honour_launch_config, parameter_share
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -68,19 +69,23 @@ def make_accelerator(cfg):
     from zephyr.train.loop import check_optimizer
 
     check_optimizer(cfg)  # before anything loads
+    machine_notes = resolve_for_machine(cfg)
     mixed = "bf16" if use_bf16(cfg) else ("fp16" if cfg.fp16 else "no")
     trackers = report_trackers(cfg.report_to)
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
+        cpu=accelerator_on_cpu(),
         log_with=trackers or None,
         project_dir=cfg.output_dir,
         dataloader_config=DataLoaderConfiguration(split_batches=False, even_batches=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
     )
-    _check_launch(accelerator, cfg)
-    for line in unused_key_notes(cfg):
+    launch = honour_launch_config(accelerator)
+    if launch:
+        accelerator.print(launch)
+    _fill_deepspeed_config(accelerator, cfg)
+    for line in machine_notes + unused_key_notes(cfg):
         accelerator.print(line)
     if trackers:
         accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name)
@@ -136,31 +141,43 @@ def unused_key_notes(cfg) -> list[str]:
     return lines
 
 
-def _check_launch(accelerator, cfg) -> None:
-    """Say when the launch config asked for something this run will not do, and fill DeepSpeed's batch settings."""
-    from accelerate.utils import DistributedType
-
-    wanted = [
-        name
-        for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-        if os.environ.get(var, "").lower() == "true"
-    ]
-    if wanted and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # accelerate quietly runs FSDP / DeepSpeed configs without a GPU as plain data parallelism
-        accelerator.print(
-            f"note: the launch config asks for {wanted[0]}, which accelerate runs only on GPUs; this run is "
-            f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es), weights replicated"
+def resolve_for_machine(cfg) -> list[str]:
+    """Turn recipe keys this machine cannot honour into what it can, returning one note for each: a 7B recipe's
+    `bf16` / `dtype: bfloat16` on hardware without bf16 arithmetic (emulated bf16 is ~5x slower than fp32 on an AVX2
+    CPU), and `flash_attention_2` without the flash-attn package or a CUDA GPU."""
+    notes = []
+    if not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        if cfg.bf16:
+            cfg.bf16 = False
+            notes.append(
+                "note: bf16: true, but this CPU has no bf16 arithmetic (AVX512-BF16 or AMX); training in fp32"
+            )
+        if str(cfg.dtype).lower() in ("bfloat16", "bf16"):
+            cfg.dtype = "float32"
+            notes.append(
+                "note: dtype: bfloat16, but this CPU has no bf16 arithmetic; loading the weights in float32"
+            )
+    if cfg.attn_implementation == "flash_attention_2" and not _flash_attention_runs():
+        cfg.attn_implementation = "sdpa"
+        notes.append(
+            "note: attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; using sdpa"
         )
+    return notes
+
+
+def _flash_attention_runs() -> bool:
+    from importlib.util import find_spec
+
+    return torch.cuda.is_available() and find_spec("flash_attn") is not None
+
+
+def _fill_deepspeed_config(accelerator, cfg) -> None:
+    """DeepSpeed's batch settings, which it cannot infer: prepare() gets no dataloader (the loop builds one per
+    epoch)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
-    if plugin.zero_stage == 3:
-        raise ConfigError(
-            "DeepSpeed ZeRO-3 partitions the LM head, which Zephyr's chunked log-prob kernel reads directly; use "
-            "recipes/accelerate/fsdp.yaml to shard the weights, or zero2.yaml"
-        )
     ds = plugin.deepspeed_config
-    # prepare() gets no dataloader (the loop builds one per epoch), so DeepSpeed cannot infer these itself
     ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     ds["train_batch_size"] = (
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -307,6 +324,7 @@ def save_final(
         * cfg.gradient_accumulation_steps
         * accelerator.num_processes,
         "total_eval_batch_size": cfg.per_device_eval_batch_size * accelerator.num_processes,
+        "parameter_share_per_process": round(parameter_share(model), 4),  # ~1/N when sharded over N
         "mixed_precision": accelerator.mixed_precision,
         "framework_versions": framework_versions(),
         "config": config_to_dict(cfg),
