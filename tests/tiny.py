@@ -86,3 +86,34 @@ def save_tiny(directory: str | Path, *, seed: int = 0) -> Path:
     tiny_model(tokenizer, seed=seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_mistral(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A 2-layer model of Mistral-7B's class and shape family: MistralForCausalLM, grouped-query attention (4 query
+    heads on 2 key/value heads, as 32 on 8) and an untied LM head."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return MistralForCausalLM(config)
+
+
+def save_tiny_mistral(directory: str | Path, *, seed: int = 0) -> Path:
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    tiny_mistral(tokenizer, seed=seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -44,6 +44,29 @@ def _optim_cfg(optim: str):
     )
 
 
+def _recipe(**keys):
+    base = dict(bf16=None, dtype="float32", attn_implementation=None)
+    return types.SimpleNamespace(**{**base, **keys})
+
+
+def test_keys_this_machine_cannot_honour_resolve_with_a_note_each(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    cfg = _recipe(bf16=True, dtype="bfloat16", attn_implementation="flash_attention_2")
+    notes = runtime.resolve_for_machine(cfg)
+    assert (cfg.bf16, cfg.dtype, cfg.attn_implementation) == (False, "float32", "sdpa")
+    assert len(notes) == 3 and all(n.startswith("note: ") for n in notes)
+    assert "bf16: true" in notes[0] and "dtype: bfloat16" in notes[1] and "flash_attention_2" in notes[2]
+
+
+def test_a_cpu_with_bf16_arithmetic_keeps_the_recipes_bf16(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    cfg = _recipe(bf16=True, dtype="bfloat16", attn_implementation="sdpa")
+    assert runtime.resolve_for_machine(cfg) == []
+    assert (cfg.bf16, cfg.dtype, cfg.attn_implementation) == (True, "bfloat16", "sdpa")
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
 def test_adamw_uses_the_fused_kernel_on_cpu_and_it_steps_like_foreach(optim):
     """Fused AdamW runs on CPUs too (0.13 s against foreach's 0.87 s a step on 135M parameters, 520 MB less peak
