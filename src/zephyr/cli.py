@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "supervised fine-tuning on chat data (stage 1 of the Zephyr recipe)",
         "Supervised fine-tuning: cross-entropy on assistant tokens of the recipe's dialogues. Runs on one CPU as "
-        "it is, and on many GPUs or nodes under `accelerate launch --config_file recipes/accelerate/zero2.yaml "
+        "it is, and on many GPUs or nodes under `accelerate launch --config_file recipes/accelerate/zero3.yaml "
         "-m zephyr sft --config R`.",
     )
     _add_recipe_arguments(p, "sft")
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "direct preference optimisation on preference pairs (stage 2 of the Zephyr recipe)",
         "Direct Preference Optimization of the recipe's model on chosen/rejected pairs, with TRL's loss types and "
         "metric names. Runs on one CPU as it is, and on many GPUs or nodes under `accelerate launch "
-        "--config_file recipes/accelerate/zero2.yaml -m zephyr dpo --config R`.",
+        "--config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config R`.",
     )
     _add_recipe_arguments(p, "dpo")
 

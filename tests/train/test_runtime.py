@@ -114,3 +114,19 @@ def test_an_optimizer_zephyr_does_not_build_is_refused_before_anything_loads(tmp
         ConfigError, match="optim: lion_32bit .* use one of adamw_torch, adamw_torch_fused, sgd"
     ):
         runtime.make_accelerator(cfg)
+
+
+def test_an_fsdp1_config_on_cpus_says_it_runs_replicated(monkeypatch):
+    """FSDP2 is made to shard on CPU processes; FSDP version 1 is not, and the run says so instead of pretending."""
+    from accelerate.utils import DistributedType
+
+    from zephyr.train.distributed import honour_launch_config
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.MULTI_CPU, num_processes=1, mixed_precision="no"
+    )
+    note = honour_launch_config(accelerator)
+    assert note.startswith("note: the launch config asks for FSDP version 1") and "weights replicated" in note

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_CONFIGS = {
     "zero3": ROOT / "recipes/accelerate/zero3.yaml",
     "fsdp": ROOT / "recipes/accelerate/fsdp.yaml",
+    "zero2": ROOT / "recipes/accelerate/zero2.yaml",
 }
 DPO_METRICS = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                "logits/chosen", "entropy", "num_tokens")  # fmt: skip
@@ -105,7 +106,10 @@ def test_sharded_dpo_matches_one_process_resumes_exactly_and_saves_one_model(
 ):
     data, want = dpo_baseline
     out = tmp_path / config
-    done = launch(config, dpo_args(tiny_model_dir, data, out, 2))
+    # The reference: in the step under ZeRO-3 (a DeepSpeed inference engine), precomputed under FSDP2 (the
+    # reference sharded by fully_shard, every process running as many batches); the same numbers either way.
+    extra = ["--precompute_ref_log_probs=true"] if config == "fsdp" else []
+    done = launch(config, dpo_args(tiny_model_dir, data, out, 2, *extra))
     assert (
         "ZeRO-3 on 2 CPU process(es)" if config == "zero3" else "FSDP2 on 2 CPU process(es)"
     ) in done.stdout
@@ -128,9 +132,18 @@ def test_sharded_dpo_matches_one_process_resumes_exactly_and_saves_one_model(
     assert (out / "checkpoint-2").is_dir()
     for name in ("model.safetensors", "metrics.jsonl"):
         (out / name).unlink()
-    done = launch(config, dpo_args(tiny_model_dir, data, out, 2, "--resume_from_checkpoint=true"))
+    done = launch(config, dpo_args(tiny_model_dir, data, out, 2, *extra, "--resume_from_checkpoint=true"))
     assert "resumed from" in done.stdout and "at step 2" in done.stdout
     assert_same_metrics(metrics(out), want[2:], DPO_METRICS)
+
+
+def test_zero2_matches_one_process(tmp_path, tiny_model_dir, dpo_baseline):
+    """ZeRO-2 (weights replicated, gradients and optimizer state partitioned) on CPU processes: accelerate's
+    process count is repaired as for ZeRO-3, so the data is split and the metrics are the 1-process run's."""
+    data, want = dpo_baseline
+    done = launch("zero2", dpo_args(tiny_model_dir, data, tmp_path / "zero2", 2))
+    assert "DeepSpeed ZeRO-2 on 2 CPU process(es)" in done.stdout
+    assert_same_metrics(metrics(tmp_path / "zero2"), want, DPO_METRICS)
 
 
 def chats(folder: Path, n: int = 8) -> Path:

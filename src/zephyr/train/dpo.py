@@ -1,7 +1,7 @@
 """`zephyr dpo`: Direct Preference Optimization, the second stage of the Zephyr recipe.
 
     zephyr dpo --config recipes/zephyr-7b-beta/dpo.yaml                    # one process (CPU or one GPU)
-    accelerate launch --config_file recipes/accelerate/zero2.yaml -m zephyr dpo --config recipes/zephyr-7b-beta/dpo.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config recipes/zephyr-7b-beta/dpo.yaml
 
 Sections: setup -> data -> policy and reference -> (reference log-probs, precomputed and cached) -> loop -> save.
 A step puts chosen and rejected through one forward pass ([chosen; rejected] rows, TRL's layout), computes

@@ -1,7 +1,7 @@
 """`zephyr sft`: supervised fine-tuning, the first stage of the Zephyr recipe.
 
     zephyr sft --config recipes/zephyr-7b-beta/sft.yaml                    # one process (CPU or one GPU)
-    accelerate launch --config_file recipes/accelerate/zero2.yaml -m zephyr sft --config recipes/zephyr-7b-beta/sft.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m zephyr sft --config recipes/zephyr-7b-beta/sft.yaml
 
 Sections: setup -> data (optionally packed) -> model -> loop -> save. The loss is the cross-entropy of the labelled
 tokens (assistant tokens by default, every token with `assistant_only_loss: false`), computed through the chunked LM
