@@ -89,3 +89,36 @@ def test_cli_reports_a_bad_row_without_loading_the_model(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "in.jsonl" in err and "row 2" in err and "prompt" in err and "Traceback" not in err
+
+
+def test_a_rerun_resumes_only_what_the_same_model_and_settings_made(tmp_path, tiny_model_dir, capsys):
+    """The reproduction: answers were reused after the model at the same path was retrained, or after
+    --max-new-tokens changed. Now a rerun continues only when OUTPUT.run.json names the same model files and
+    settings; otherwise it refuses, and --overwrite starts over."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    src, out = _write(tmp_path / "in.jsonl", ROWS[:2]), tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(model), "--input", str(src), "--output", str(out), "--temperature", "0",
+            "--max-new-tokens", "4"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / "out.jsonl.run.json").read_text())
+    assert record["settings"]["max_new_tokens"] == 4 and "model.safetensors" in record["model"]["files"]
+    assert main(args) == 0 and "0 answered, 2 already" in capsys.readouterr().out
+
+    assert main([*args[:-1], "8"]) == 2  # other settings
+    assert (
+        "made by another model or other settings (settings.max_new_tokens: 4 then, 8 now)"
+        in capsys.readouterr().err
+    )
+
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # retrained in place: same path, same size, new file
+    assert main(args) == 2
+    refused = capsys.readouterr().err
+    assert "model.files.model.safetensors" in refused and "Pass --overwrite to start it again" in refused
+
+    assert main([*args, "--overwrite"]) == 0
+    assert "2 answered, 0 already" in capsys.readouterr().out
+    assert main(args) == 0 and "0 answered, 2 already" in capsys.readouterr().out

@@ -584,3 +584,32 @@ def test_embedded_second_fetch_does_no_work(embedded_dir, monkeypatch):
     assert fetch_embedded_model(log=lambda line: pytest.fail(line)) == embedded_dir
     assert time.perf_counter() - start < 2
     assert (embedded_dir / MARKER).stat().st_mtime_ns == marker_mtime
+
+
+def test_a_hub_id_is_identified_by_the_commit_its_revision_points_to(tmp_path, monkeypatch):
+    """The reproduction: the DPO reference cache for a hub id without a revision ignored upstream changes. A hub
+    id's identity is now its commit, from the hub when reachable, else from the local cache's refs (the copy
+    from_pretrained loads offline)."""
+    import types
+
+    import huggingface_hub.constants
+
+    from zephyr import models
+    from zephyr.train.dpo import reference_cache_path
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("ZEPHYR_CACHE", str(tmp_path / "zephyr"))
+    ref = tmp_path / "models--org--model" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    assert models.model_identity("org/model") == {"hub_id": "org/model", "revision": None, "commit": "a" * 40}
+    assert models.hub_commit("org/model", "b" * 40) == "b" * 40  # a commit is its own answer
+    assert models.hub_commit("org/unknown") is None
+
+    cfg = types.SimpleNamespace(model_revision=None, max_length=64, truncation_mode="keep_start", ld_alpha=None,
+                                dtype="float32")  # fmt: skip
+    data = types.SimpleNamespace(_fingerprint="rows")
+    before = reference_cache_path(cfg, "org/model", data, "no")
+    ref.write_text("c" * 40)  # upstream pushed new weights to main
+    assert reference_cache_path(cfg, "org/model", data, "no") != before

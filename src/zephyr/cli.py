@@ -169,7 +169,12 @@ def cmd_generate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     read_prompts(args.input)  # a bad row stops here, before the model loads
     engine = _engine(args)
     counts = generate_file(
-        engine, args.input, args.output, _sampling(engine, args), batch_size=args.batch_size
+        engine,
+        args.input,
+        args.output,
+        _sampling(engine, args),
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     print(
         f"{counts['generated']} answered, {counts['skipped']} already in {args.output}; {counts['total']} rows"
@@ -255,6 +260,7 @@ def cmd_eval_mt_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
         batch_size=args.batch_size,
         parallel=args.parallel,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     turn = {k: "-" if scores[k] is None else f"{scores[k]:.2f}" for k in ("overall", "turn_1", "turn_2")}
     print(
@@ -476,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="IN.jsonl")
     p.add_argument("--output", required=True, metavar="OUT.jsonl")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start OUTPUT over; without it a rerun continues OUTPUT only if the same model and settings made it",
+    )
 
     p = command(
         commands,
@@ -570,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/mt-bench", help="output folder (default: outputs/mt-bench)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="per answer (default: 1024, as MT-Bench)")
     p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default: 8)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="answer and judge again from scratch; without it a rerun continues only if the same model, "
+        "max-new-tokens and seed made the answers there",
+    )
     p.add_argument("--parallel", type=int, default=8, help="judge requests in flight (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 

@@ -75,6 +75,8 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
             str(data / "ultrachat"),
             "--output_dir",
             str(sft_dir),
+            "--overwrite_output_dir",  # each demo trains afresh, replacing the last demo's models
+            "true",
             *steps,
         ]
     )
@@ -89,6 +91,8 @@ def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", q
             str(sft_dir),
             "--output_dir",
             str(dpo_dir),
+            "--overwrite_output_dir",
+            "true",
             *steps,
         ]
     )

@@ -88,6 +88,9 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        # What made this engine's answers what they are (resumable outputs are keyed by it): the model's files and
+        # dtype when loaded from a folder or the hub, else just its name.
+        self.identity: dict = {"name": name}
         self.device = next(model.parameters()).device
         self.context_length = _context_length(model.config, tokenizer)
         self.eos_ids = _eos_ids(tokenizer, generation_config or getattr(model, "generation_config", None))
@@ -117,7 +120,14 @@ class Engine:
         """
         from transformers import GenerationConfig
 
-        from zephyr.models import EMBEDDED_MODEL, check_vocabulary, load_model, load_tokenizer, resolve_model
+        from zephyr.models import (
+            EMBEDDED_MODEL,
+            check_vocabulary,
+            load_model,
+            load_tokenizer,
+            model_identity,
+            resolve_model,
+        )
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None and device.startswith("cuda"):
@@ -135,7 +145,9 @@ class Engine:
             generation = GenerationConfig.from_pretrained(resolved)
         except OSError:
             generation = lm.generation_config
-        return cls(lm, tokenizer, name=name or model or EMBEDDED_MODEL, generation_config=generation)
+        engine = cls(lm, tokenizer, name=name or model or EMBEDDED_MODEL, generation_config=generation)
+        engine.identity = {"files": model_identity(model), "dtype": str(lm.dtype).removeprefix("torch.")}
+        return engine
 
     # ----------------------------------------------------------------------------------------------- prompts
 

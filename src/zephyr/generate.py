@@ -6,7 +6,8 @@ Each input line is a JSON object with `prompt` (a string: one user turn) or `mes
 user turn), and optionally `id` and `system`; other fields are carried to the output unchanged. Each output line is
 the input row plus `answer`, `finish_reason`, `prompt_tokens`, `completion_tokens` and `model`. Rows are keyed by
 `id` (rows without one get `line-N` as their output id): a rerun skips rows already in
-the output file, so an interrupted job continues where it stopped. Every row is checked before any generation starts; a bad one stops the run naming its line and field.
+the output file, so an interrupted job continues where it stopped, provided the same model and sampling settings
+made them (`OUTPUT.run.json` records both; `--overwrite` starts over). Every row is checked before any generation starts; a bad one stops the run naming its line and field.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from zephyr.engine import Engine, Request, RequestError, SamplingParams
 from zephyr.errors import DataError
+from zephyr.provenance import check_or_start
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, int, dict, list[dict]]]:
@@ -96,13 +98,28 @@ def generate_file(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, int]:
-    """Answer every row of INPUT_PATH not yet in OUTPUT_PATH; returns counts of rows done now and skipped."""
+    """Answer every row of INPUT_PATH not yet in OUTPUT_PATH; returns counts of rows done now and skipped.
+
+    Rows already in OUTPUT_PATH are kept only when `OUTPUT_PATH.run.json` says the same model (its files, not just
+    its name) and sampling settings made them; otherwise the run refuses, unless OVERWRITE starts it over."""
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
 
     rows = read_prompts(input_path)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
+    record = output.with_name(output.name + ".run.json")
+    if overwrite:
+        output.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+    made_by = {"model": engine.identity, "settings": asdict(params)}
+    check_or_start(
+        record, made_by, output=str(output), has_output=output.is_file() and output.stat().st_size > 0,
+        overwrite_flag="--overwrite",
+    )  # fmt: skip
     done_before = finished_keys(output)
     todo = [r for r in rows if r[0] not in done_before]
     prompts = []

@@ -374,6 +374,44 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def model_identity(name_or_path: str | None, revision: str | None = None) -> dict:
+    """What makes a model's outputs what they are. A folder: its config and weight files (name, size, mtime in
+    nanoseconds: a file rewritten with new weights of the same shapes keeps its size, and often its second). A hub
+    id: the id and the commit its revision points to (`hub_commit`), so an upstream push changes the identity."""
+    path = Path(resolve_model(name_or_path))
+    if not path.is_dir():
+        return {
+            "hub_id": str(name_or_path),
+            "revision": revision,
+            "commit": hub_commit(str(name_or_path), revision),
+        }
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit hash REVISION (default main) of model REPO_ID points to: asked of the hub when it is reachable,
+    else read from the local Hugging Face cache (the copy `from_pretrained` would load offline); None if neither
+    knows."""
+    from huggingface_hub import constants
+
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    if hub_reachable():
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo_id, revision=revision).sha
+        except Exception:  # noqa: BLE001 - unknown repo, no rights, network: fall back to the cache
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _looks_local(name: str) -> bool:
     """Whether NAME was meant as a path: path syntax, not a hub id, or inside a folder that exists here."""
     if name.startswith((".", "/", "~", "\\")) or not _HUB_ID.match(name):

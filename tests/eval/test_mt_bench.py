@@ -302,3 +302,29 @@ def test_client_retries_connection_errors_then_names_the_url(judge):
     with pytest.raises(ZephyrError, match=r"kept failing after 3 attempts \(last: connection failed"):
         client.complete(MESSAGES)
     assert len(waits) == 2
+
+
+def test_answers_of_other_settings_or_model_files_are_not_reused(
+    engine, judge, data_files, tmp_path, monkeypatch
+):
+    """The reproduction: a rerun reused the answers after --seed or --max-new-tokens changed, or after the model at
+    the same path was retrained. answers.run.json names both; a mismatch is refused, and overwrite starts over."""
+    out = tmp_path / "out"
+    _run(engine, judge, data_files, out)
+    assert json.loads((out / "answers.run.json").read_text())["settings"]["seed"] == 0
+    with pytest.raises(
+        ZephyrError, match=r"another model or other settings \(settings.seed: 0 then, 1 now\)"
+    ):
+        _run(engine, judge, data_files, out, seed=1)
+    with pytest.raises(ZephyrError, match=r"settings.max_new_tokens: 4 then, 5 now"):
+        _run(engine, judge, data_files, out, max_new_tokens=5)
+    monkeypatch.setattr(engine, "identity", {"files": {"model.safetensors": [1, 2]}})
+    with pytest.raises(ZephyrError, match=r"model.files: null then.*Pass --overwrite"):
+        _run(engine, judge, data_files, out)
+
+    judged_before = len(judge.requests)
+    _run(engine, judge, data_files, out, overwrite=True)
+    assert len(judge.requests) > judged_before + 1  # every turn judged again, not just the failed one
+    assert json.loads((out / "answers.run.json").read_text())["model"] == {
+        "files": {"model.safetensors": [1, 2]}
+    }

@@ -201,20 +201,29 @@ class FakeHub:
             raise FakeHub.fail
         return type("Url", (), {"repo_id": f"someone/{repo_id}"})()
 
-    def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        FakeHub.calls.append(("upload_folder", repo_id, files, ignore_patterns))
+    def upload_folder(self, folder_path, repo_id, commit_message, allow_patterns=None, ignore_patterns=None):
+        """Records the files the real client would upload, filtered by its own pattern matching."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        every = sorted(
+            p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()
+        )
+        files = list(
+            filter_repo_objects(every, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
+        FakeHub.calls.append(("upload_folder", repo_id, files, every))
 
 
-def _dpo_run(tiny_model_dir, tmp_path, *extra):
+def _dpo_run(tiny_model_dir, tmp_path, *extra, max_steps=1, save_strategy="no"):
     from zephyr.config import load_config
     from zephyr.train.dpo import run_dpo
 
     data = tmp_path / "prefs"
-    _jsonl(data / "train.jsonl", [_pair(i) for i in range(4)])
+    if not data.is_dir():
+        _jsonl(data / "train.jsonl", [_pair(i) for i in range(4)])
     args = [f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", f"--output_dir={tmp_path / 'out'}",
-            "--max_steps=1", "--per_device_train_batch_size=2", "--bf16=false", "--gradient_checkpointing=false",
-            "--max_length=64", "--save_strategy=no", *extra]  # fmt: skip
+            f"--max_steps={max_steps}", "--per_device_train_batch_size=2", "--bf16=false",
+            "--gradient_checkpointing=false", "--max_length=64", f"--save_strategy={save_strategy}", *extra]  # fmt: skip
     return run_dpo(load_config("dpo", None, args), progress=False)
 
 
@@ -240,8 +249,35 @@ def test_push_to_hub_uploads_the_finished_folder_once_and_says_so(tiny_model_dir
     assert upload[1] == "someone/tiny-dpo" and {"model.safetensors", "README.md", "zephyr_run.json"} <= set(
         upload[2]
     )
-    assert "checkpoint-*" in upload[3]
     assert "pushed " in printed and "someone/tiny-dpo" in printed
+
+
+def test_push_to_hub_uploads_deliverables_only_into_a_private_repo(tiny_model_dir, tmp_path, fake_hub):
+    """Never the rejected rows (raw data), checkpoints or the run lock; private unless hub_private_repo: false."""
+    data = tmp_path / "prefs"
+    _jsonl(data / "train.jsonl", [_pair(i) for i in range(4)] + [{"prompt": "no answers"}])
+    _dpo_run(tiny_model_dir, tmp_path, "--push_to_hub=true", "--skip_invalid=true", "--save_steps=1",
+             max_steps=2, save_strategy="steps")  # fmt: skip
+    (create, upload) = fake_hub.calls
+    assert create[2] is True  # hub_private_repo unset: private
+    uploaded, present = set(upload[2]), set(upload[3])
+    assert {"rejects.jsonl", "checkpoint-1/model.safetensors"} <= present
+    assert uploaded == {
+        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja", "README.md", "results.md", "training.png", "zephyr_run.json", "metrics.jsonl",
+    } & present  # fmt: skip
+    assert "model.safetensors" in uploaded
+
+    fake_hub.calls.clear()
+    _dpo_run(
+        tiny_model_dir,
+        tmp_path,
+        "--push_to_hub=true",
+        "--hub_private_repo=false",
+        "--skip_invalid=true",
+        "--overwrite_output_dir=true",
+    )
+    assert fake_hub.calls[0][2] is False
 
 
 def test_a_failed_push_keeps_the_model_and_says_how_to_push_it_later(tiny_model_dir, tmp_path, fake_hub):

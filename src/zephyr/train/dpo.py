@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from zephyr.errors import ConfigError
+from zephyr.models import model_identity
 from zephyr.train.checkpoint import fault_point
 from zephyr.train.collate import PreferenceCollator
 from zephyr.train.distributed import is_sharded, shard_reference, whole_weights_on_every_process
@@ -151,26 +152,13 @@ def pair_logps(out, labels: torch.Tensor, ld_alpha: float | None) -> tuple[torch
 # ---------------------------------------------------------------------------------------------- reference cache
 
 
-def _model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What makes a reference model's log-probs what they are: its config and weight files (name, size, mtime in
-    nanoseconds: a file rewritten with new weights of the same shapes keeps its size, and often its second), or for
-    a hub id the id and revision."""
-    from zephyr.models import resolve_model
-
-    path = Path(resolve_model(name_or_path))
-    if not path.is_dir():
-        return {"hub_id": name_or_path, "revision": revision}
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-
-
 def reference_cache_path(cfg, ref_name: str, dataset, precision: str) -> Path:
     from zephyr.models import zephyr_cache_dir
 
     key = json.dumps(
         {
             "format": REF_CACHE_FORMAT,
-            "model": _model_identity(ref_name, cfg.model_revision),
+            "model": model_identity(ref_name, cfg.model_revision),
             "data": dataset._fingerprint,
             "max_length": cfg.max_length,
             "truncation_mode": cfg.truncation_mode,
@@ -295,7 +283,15 @@ def preference_collator(cfg, tokenizer, model, accelerator):
 
     pad = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
     asked = cfg.prefix_sharing is True or cfg.padding_free
-    if asked or cfg.prefix_sharing is None:  # unset: the fast layout wherever it runs
+    window = _sliding_window(model)
+    if window is not None and (cfg.max_length is None or cfg.max_length > window):
+        # The packed layouts compute full causal attention within a pair; beyond the window that is not the model.
+        if asked:
+            accelerator.print(
+                f"note: prefix sharing does not apply this model's sliding window of {window} tokens, which "
+                f"max_length {cfg.max_length} exceeds; pairs go in TRL's two padded rows"
+            )
+    elif asked or cfg.prefix_sharing is None:  # unset: the fast layout wherever it runs
         implementation = attention_implementation(model)
         if implementation in SUPPORTED_ATTENTION:
             pair_attention.enable(model)
@@ -313,18 +309,26 @@ def preference_collator(cfg, tokenizer, model, accelerator):
     )
 
 
+def _sliding_window(model) -> int | None:
+    """The attention window of MODEL (Mistral, Qwen2 with use_sliding_window), or None for full attention."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
 def run_dpo(cfg, *, progress: bool = True):
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.models import load_model
     from zephyr.train import pair_attention
     from zephyr.train.loop import train
-    from zephyr.train.runtime import finish, load_policy, make_accelerator, wrap_lora
+    from zephyr.train.runtime import claim_output_dir, finish, load_policy, make_accelerator, wrap_lora
     from zephyr.train.shared_prefix import SharedPrefixCollator
 
     # ---- setup
     accelerator = make_accelerator(cfg)
     DPOObjective(cfg, accelerator)  # refuse a bad loss configuration before any model loads
     tokenizer = load_recipe_tokenizer(cfg)
+    claim_output_dir(accelerator, cfg)
     with accelerator.main_process_first():  # rank 0 tokenizes, the others read its cache
         data = prepare(cfg, stage="dpo", tokenizer=tokenizer)
     if accelerator.is_main_process:
@@ -393,6 +397,7 @@ def run_dpo(cfg, *, progress: bool = True):
         collate=collate,
         eval_dataset=test_ds,
         progress=progress,
+        data_identity=data.train._fingerprint,
     )
 
     # ---- save

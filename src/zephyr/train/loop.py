@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from zephyr.config import config_to_dict
+from zephyr.models import model_identity
 from zephyr.train.checkpoint import (
     TrainerState,
     fault_point,
@@ -38,6 +40,7 @@ from zephyr.train.checkpoint import (
     resume_candidates,
     save_checkpoint,
 )
+from zephyr.train.run_folder import check_resume, fingerprint, recorded_fingerprint
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -253,6 +256,56 @@ def evaluate(accelerator, model, objective: Objective, dataloader: DataLoader) -
     return out
 
 
+def run_fingerprint(cfg, accelerator, data_identity: str | None) -> dict:
+    """This run's fingerprint (`zephyr.train.run_folder.fingerprint`), kept in every checkpoint and the run record."""
+    return fingerprint(
+        config_to_dict(cfg),
+        model=model_identity(cfg.model_name_or_path, cfg.model_revision),
+        data=data_identity,
+        num_processes=accelerator.num_processes,
+    )
+
+
+def resume(accelerator, cfg, fingerprint: dict, max_steps: int) -> TrainerState:
+    """The state to start from: the newest checkpoint that loads (falling back to older ones when one cannot be
+    read), or step 0 when resuming was not asked for, or asked for where no checkpoint exists yet. A checkpoint of
+    another run (another fingerprint) is refused; so is a resume where checkpoints exist and none loads. A load
+    that fails part-way is followed by a complete load of an older checkpoint, or by the error: training never
+    continues from a half-loaded state."""
+    output_dir = Path(cfg.output_dir)
+    candidates = resume_candidates(output_dir, cfg.resume_from_checkpoint)
+    fresh = TrainerState(max_steps=max_steps, fingerprint=fingerprint)
+    if not candidates:
+        if cfg.resume_from_checkpoint not in (None, False, "false", ""):
+            check_resume(f"the run in {output_dir}", recorded_fingerprint(output_dir), fingerprint)
+            accelerator.print(f"no checkpoint in {output_dir} yet: starting at step 0")
+        return fresh
+    failures = []
+    for path in candidates:
+        try:
+            saved = TrainerState.load(path)  # read before anything loads into the model
+        except (OSError, ValueError, TypeError) as err:
+            failures.append(f"{path.name}: {type(err).__name__}: {err}")
+            accelerator.print(f"checkpoint {path} is unreadable ({failures[-1]}); trying the previous one")
+            continue
+        check_resume(str(path), saved.fingerprint, fingerprint)
+        try:
+            accelerator.load_state(str(path))
+        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
+            failures.append(f"{path.name}: {type(err).__name__}: {err}")
+            accelerator.print(f"checkpoint {path} is unreadable ({failures[-1]}); trying the previous one")
+            continue
+        saved.max_steps, saved.fingerprint = max_steps, fingerprint
+        accelerator.print(f"resumed from {path} at step {saved.global_step}")
+        return saved
+    from zephyr.errors import ZephyrError
+
+    raise ZephyrError(
+        f"resume_from_checkpoint: no checkpoint in {output_dir} could be loaded ({'; '.join(failures)}); nothing "
+        "was trained. Fix or remove the broken checkpoints, or start a new run with --overwrite_output_dir true"
+    )
+
+
 def _window_normalization(accelerator, objective, cfg) -> tuple[bool, bool]:
     """(normalise the loss over the accumulation window's tokens?, by dividing before backward?).
 
@@ -293,11 +346,13 @@ def train(
     eval_collate: Callable | None = None,
     on_save: Callable[[Path], None] | None = None,
     progress: bool = True,
+    data_identity: str | None = None,
 ) -> TrainResult:
     """Train `model` with `objective` on `train_dataset`; checkpoints and logs under cfg.output_dir.
 
     The model is prepared here (DDP / FSDP / DeepSpeed as the accelerate config says). Resumes from
-    `cfg.resume_from_checkpoint` (true = the latest complete checkpoint in output_dir).
+    `cfg.resume_from_checkpoint` (true = the latest complete checkpoint in output_dir) when the checkpoint's
+    fingerprint is this run's; DATA_IDENTITY (the tokenized training data's content fingerprint) is part of it.
     """
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -359,25 +414,12 @@ def train(
         )
 
     # ---- resume
-    state = TrainerState(max_steps=max_steps)
-    for resume in resume_candidates(output_dir, cfg.resume_from_checkpoint):
-        try:
-            accelerator.load_state(str(resume))
-            state = TrainerState.load(resume)
-        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
-            accelerator.print(
-                f"checkpoint {resume} is unreadable ({type(err).__name__}: {err}); trying the previous one"
-            )
-            continue
-        state.max_steps = max_steps
-        with (
-            warnings.catch_warnings()
-        ):  # "scheduler.step() before optimizer.step()": intended, it is a replay
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(state.global_step):
-                scheduler.step()
-        accelerator.print(f"resumed from {resume} at step {state.global_step}")
-        break
+    fingerprint = run_fingerprint(cfg, accelerator, data_identity)
+    state = resume(accelerator, cfg, fingerprint, max_steps)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended, it is a replay
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state.global_step):
+            scheduler.step()
 
     log = MetricsLog(accelerator, output_dir, cfg.report_to or [])
     if accelerator.is_main_process:

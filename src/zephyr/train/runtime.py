@@ -3,6 +3,7 @@ LoRA), and the final model folder."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from zephyr.errors import ConfigError
+from zephyr.train import run_folder
 from zephyr.train.distributed import accelerator_on_cpu, honour_launch_config, parameter_share
 
 
@@ -98,8 +100,6 @@ def make_accelerator(cfg):
 # Keys the handbook's and TRL's recipes carry that change nothing in a Zephyr run, with the reason. Zephyr accepts
 # them so those recipes load, and names any that is set away from its default when a run starts.
 NO_EFFECT = {
-    "overwrite_output_dir": "a run writes into output_dir either way, and resume_from_checkpoint decides whether "
-    "it continues from a checkpoint there",
     "do_train": "the stage command trains",
     "do_eval": "eval_strategy decides when to evaluate",
     "log_level": "Zephyr prints its own progress and notes",
@@ -139,6 +139,30 @@ def unused_key_notes(cfg) -> list[str]:
             f"(to {hub_repo_id(cfg)}); checkpoints stay local"
         )
     return lines
+
+
+def claim_output_dir(accelerator, cfg) -> None:
+    """Take OUTPUT_DIR for this run (`zephyr.train.run_folder`): its lock, and for a new run the refusal or, with
+    `overwrite_output_dir`, the removal of another run's outputs. The main process claims; the others wait."""
+    if accelerator.is_main_process:
+        resume = cfg.resume_from_checkpoint not in (None, False, "false", "")
+        lock, notes = run_folder.claim(
+            Path(cfg.output_dir), resume=resume, overwrite=bool(cfg.overwrite_output_dir)
+        )
+        _held_locks.append(lock)
+        for line in notes:
+            print(line)
+    accelerator.wait_for_everyone()
+
+
+_held_locks: list[run_folder.RunLock] = []
+
+
+@atexit.register
+def release_output_dirs() -> None:
+    """Release the run locks this process holds (at the end of a stage, and at exit after an error)."""
+    while _held_locks:
+        _held_locks.pop().release()
 
 
 def resolve_for_machine(cfg) -> list[str]:
@@ -334,6 +358,10 @@ def save_final(
     (staging / "zephyr_run.json").write_text(json.dumps(record, indent=1, default=str))
     write_results(staging, log_history, cfg.stage)
     fault_point("final-save")
+    staged = {path.name for path in staging.iterdir()}
+    for stale in run_folder.final_save_files(output_dir):  # an earlier save's files this one does not replace
+        if stale.name not in staged:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     for path in staging.iterdir():
         target = output_dir / path.name
         if target.is_dir():
@@ -403,7 +431,7 @@ def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
                 cfg,
                 base_model=cfg.model_name_or_path,
                 log_history=result.state.log_history,
-                extra=extra,
+                extra={**(extra or {}), "fingerprint": result.state.fingerprint},
             )
         except Exception as err:
             _final_save_failed(err, Path(cfg.output_dir))
@@ -413,6 +441,7 @@ def finish(accelerator, result, tokenizer, cfg, *, extra: dict | None = None):
             if cfg.push_to_hub:
                 push_to_hub(cfg, Path(output_dir))
     accelerator.end_training()
+    release_output_dirs()
     return result
 
 
@@ -423,7 +452,9 @@ def hub_repo_id(cfg) -> str:
 
 
 def push_to_hub(cfg, folder: Path) -> str:
-    """Upload the finished model FOLDER (weights, tokenizer, card, run record; not the checkpoints) to the Hub.
+    """Upload the finished model FOLDER's deliverables (`run_folder.DELIVERABLES`: weights, config, tokenizer,
+    generation config, card, results, plot, metrics and run record; never checkpoints or rejected rows) to the Hub,
+    into a private repository unless `hub_private_repo: false`.
 
     Zephyr pushes once, at the end, whatever `hub_strategy` says; the run said so when it started. A push that
     fails (no network, no token, no rights) leaves the saved folder as it is and is an error that says how to push
@@ -435,12 +466,14 @@ def push_to_hub(cfg, folder: Path) -> str:
     repo_id = hub_repo_id(cfg)
     try:
         api = HfApi()
-        repo = api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True)
+        # Private unless the recipe says otherwise: a run's first push should not publish it by accident.
+        repo = api.create_repo(repo_id, private=cfg.hub_private_repo is not False, exist_ok=True)
         api.upload_folder(
             folder_path=str(folder),
             repo_id=repo.repo_id,
             commit_message="zephyr: end of training",
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"],
+            allow_patterns=list(run_folder.DELIVERABLES),
+            ignore_patterns=["checkpoint-*", ".*", "rejects.jsonl"],  # a pattern's * also matches "/"
         )
     except Exception as err:  # noqa: BLE001 - any failure of the hub client: the model is saved either way
         raise ZephyrError(

@@ -43,11 +43,12 @@ def run_sft(cfg, *, progress: bool = True):
 
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.train.loop import train
-    from zephyr.train.runtime import finish, load_policy, make_accelerator, wrap_lora
+    from zephyr.train.runtime import claim_output_dir, finish, load_policy, make_accelerator, wrap_lora
 
     # ---- setup and data
     accelerator = make_accelerator(cfg)
     tokenizer = load_recipe_tokenizer(cfg)
+    claim_output_dir(accelerator, cfg)
     with accelerator.main_process_first():
         data = prepare(cfg, stage="sft", tokenizer=tokenizer)
     if accelerator.is_main_process:
@@ -86,5 +87,6 @@ def run_sft(cfg, *, progress: bool = True):
         eval_dataset=test_ds,
         eval_collate=SFTCollator(pad_token_id=tokenizer.pad_token_id),
         progress=progress,
+        data_identity=data.train._fingerprint,
     )
     return finish(accelerator, result, tokenizer, cfg)
