@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from zephyr.errors import ZephyrError
+from zephyr.run_record import RECORD_FILE, RunRecord
 
 METRIC_KEYS = (
     "loss",
@@ -32,19 +33,15 @@ METRIC_KEYS = (
 
 def recorded_reference(model: str) -> str:
     """The reference model a run's rewards are measured against: what MODEL's `zephyr_run.json` recorded."""
-    record_file = Path(model) / "zephyr_run.json"
-    if not record_file.is_file():
-        raise ZephyrError(
-            f"{model} has no zephyr_run.json, so its reference model is unknown; pass --ref-model (the model "
-            f"DPO started from, e.g. the SFT output)"
-        )
     try:
-        record = json.loads(record_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ZephyrError(f"{record_file} is not valid JSON ({err}); pass --ref-model") from err
-    reference = record.get("reference_model") or record.get("base_model")
+        record = RunRecord.read(model)
+    except ZephyrError as err:
+        raise ZephyrError(
+            f"{err}; its reference model is unknown: pass --ref-model (the model DPO started from, e.g. the SFT output)"
+        ) from err
+    reference = record.reference_model or record.base_model
     if not reference:
-        raise ZephyrError(f"{record_file} names no base or reference model; pass --ref-model")
+        raise ZephyrError(f"{Path(model) / RECORD_FILE} names no base or reference model; pass --ref-model")
     return reference
 
 
@@ -57,15 +54,13 @@ RECORDED_KEYS = (
 
 def recorded_settings(model: str) -> dict:
     """RECORDED_KEYS from MODEL's `zephyr_run.json` (a DPO run's; {} for other folders)."""
-    record_file = Path(model) / "zephyr_run.json"
     try:
-        record = json.loads(record_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = RunRecord.read(model)
+    except ZephyrError:
         return {}
-    config = record.get("config") or {}
-    if record.get("stage") != "dpo":  # an SFT run's beta is the default; its template settings still apply
-        return {k: config[k] for k in RECORDED_KEYS if k in config and k != "beta"}
-    return {k: config[k] for k in RECORDED_KEYS if k in config}
+    keys = RECORDED_KEYS if record.stage == "dpo" else tuple(k for k in RECORDED_KEYS if k != "beta")
+    # an SFT run's beta is the default; its template settings still apply
+    return {k: record.config[k] for k in keys if k in record.config}
 
 
 def eval_prefs(

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from zephyr.errors import ZephyrError
+from zephyr.run_record import RECORD_FILE, RunRecord
 
 LOCK_FILE = ".zephyr-run.lock"
-RECORD_FILE = "zephyr_run.json"
 
 
 # What a run's final save writes (the folder `from_pretrained` loads), and what `push_to_hub` uploads: these plus
@@ -223,8 +223,8 @@ def _short(value) -> str:
 def recorded_fingerprint(folder: Path) -> dict | None:
     """The fingerprint in FOLDER's `zephyr_run.json` (a finished run), or None."""
     try:
-        return json.loads((folder / RECORD_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError):
+        return RunRecord.read(folder).fingerprint
+    except ZephyrError:
         return None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from zephyr.errors import ConfigError
+from zephyr.run_record import RunRecord
 from zephyr.train import run_folder
 from zephyr.train.distributed import accelerator_on_cpu, honour_launch_config, parameter_share
 
@@ -297,7 +298,6 @@ def save_final(
     """
     from transformers import GenerationConfig
 
-    from zephyr import __version__
     from zephyr.config import config_to_dict
     from zephyr.train.checkpoint import fault_point
     from zephyr.train.results import write_results
@@ -338,24 +338,20 @@ def save_final(
         data = json.loads(tokenizer_config.read_text())
         data["chat_template"] = tokenizer.chat_template
         tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    record = {
-        "zephyr_version": __version__,
-        "stage": cfg.stage,
-        "base_model": base_model,
-        "num_processes": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "total_train_batch_size": cfg.per_device_train_batch_size
-        * cfg.gradient_accumulation_steps
-        * accelerator.num_processes,
-        "total_eval_batch_size": cfg.per_device_eval_batch_size * accelerator.num_processes,
-        "parameter_share_per_process": round(parameter_share(model), 4),  # ~1/N when sharded over N
-        "mixed_precision": accelerator.mixed_precision,
-        "framework_versions": framework_versions(),
-        "config": config_to_dict(cfg),
-        "log_history": log_history,
+    RunRecord(
+        stage=cfg.stage,
+        config=config_to_dict(cfg),
+        log_history=log_history,
+        base_model=base_model,
+        num_processes=accelerator.num_processes,
+        distributed_type=str(accelerator.distributed_type.value),
+        total_train_batch_size=cfg.global_batch_size(accelerator.num_processes),
+        total_eval_batch_size=cfg.per_device_eval_batch_size * accelerator.num_processes,
+        parameter_share_per_process=round(parameter_share(model), 4),
+        mixed_precision=accelerator.mixed_precision,
+        framework_versions=framework_versions(),
         **(extra or {}),
-    }
-    (staging / "zephyr_run.json").write_text(json.dumps(record, indent=1, default=str))
+    ).write(staging)
     write_results(staging, log_history, cfg.stage)
     fault_point("final-save")
     staged = {path.name for path in staging.iterdir()}
