@@ -71,7 +71,7 @@ from zephyr.train.collate import PreferenceCollator
 from zephyr.train.dpo import DPOObjective, model_inputs, preference_collator, run_dpo
 from zephyr.train.fused_head import attach_completion_head
 from zephyr.train.logprobs import completion_logps
-from zephyr.train.loop import build_optimizer
+from zephyr.train.optimizers import build_optimizer
 from zephyr.train.runtime import make_accelerator
 from zephyr.train.shared_prefix import SharedPrefixCollator
 

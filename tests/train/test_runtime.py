@@ -74,7 +74,7 @@ def test_adamw_uses_the_fused_kernel_on_cpu_and_it_steps_like_foreach(optim):
     import torch
 
     from tiny import tiny_model
-    from zephyr.train.loop import build_optimizer
+    from zephyr.train.optimizers import build_optimizer
 
     models = [tiny_model(seed=3), tiny_model(seed=3)]
     fused = build_optimizer(models[0], _optim_cfg(optim))
@@ -98,7 +98,7 @@ def test_adamw_uses_the_fused_kernel_on_cpu_and_it_steps_like_foreach(optim):
 )
 def test_other_optimizers_are_the_ones_named_with_decay_on_the_decaying_groups_only(optim, cls):
     from tiny import tiny_model
-    from zephyr.train.loop import build_optimizer
+    from zephyr.train.optimizers import build_optimizer
 
     optimizer = build_optimizer(tiny_model(), _optim_cfg(optim))
     assert type(optimizer).__name__ == cls

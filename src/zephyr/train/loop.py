@@ -40,6 +40,7 @@ from zephyr.train.checkpoint import (
     resume_candidates,
     save_checkpoint,
 )
+from zephyr.train.optimizers import build_optimizer
 from zephyr.train.run_folder import check_resume, fingerprint, recorded_fingerprint
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -76,80 +77,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Biases and normalisation weights get no weight decay, as in transformers' Trainer."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partition reads as shape (0,): its whole shape
-        is_norm = "norm" in name.lower() or len(shape) < 2
-        (no_decay if is_norm or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-BNB_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
-
-
-def check_optimizer(cfg) -> str:
-    """The `optim` this run builds, refused before any model loads when Zephyr does not build it (transformers names
-    more optimizers than this loop carries; running AdamW in their place would be a silent lie)."""
-    from zephyr.errors import ConfigError
-
-    optim = (cfg.optim or "adamw_torch").lower()
-    if optim not in TORCH_OPTIMIZERS + BNB_OPTIMIZERS:
-        raise ConfigError(
-            f"optim: {optim} is a transformers optimizer name Zephyr does not build; "
-            f"use one of {', '.join(TORCH_OPTIMIZERS + BNB_OPTIMIZERS)}"
-        )
-    return optim
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """The optimizer `optim` names, built as transformers' Trainer builds it: `learning_rate`, `weight_decay` on
-    the decaying parameters only, Adam's betas and epsilon for the AdamW family, the others at torch's defaults."""
-    groups = decay_parameter_groups(model, cfg.weight_decay)
-    optim = check_optimizer(cfg)
-    adam = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    if optim in BNB_OPTIMIZERS:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            from zephyr.errors import ConfigError
-
-            raise ConfigError(
-                f"optim: {optim} needs bitsandbytes (pip install bitsandbytes) and a GPU"
-            ) from err
-        cls = {
-            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        }.get(optim, bnb.optim.AdamW8bit)
-        return cls(groups, **adam)
-    if optim == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate)
-    if optim == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.learning_rate)
-    if optim == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.learning_rate)
-    if optim == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False)
-    return torch.optim.AdamW(groups, fused=_fused_adamw(groups) or None, **adam)
-
-
-def _fused_adamw(groups: list[dict]) -> bool:
-    """torch's single-kernel AdamW where it runs (CUDA, and CPU since torch 2.4): one pass over each tensor instead of
-    foreach's chain of whole-model temporaries. On a 2-core CPU with 135M fp32 parameters it took 0.13 s a step
-    against foreach's 0.7-1.1 s, with 520 MB less peak memory (`benchmarks/optimizer_step.py`)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    params = [p for g in groups for p in g["params"]]
-    supported = _get_fused_kernels_supported_devices()
-    return bool(params) and all(p.device.type in supported and p.dtype.is_floating_point for p in params)
 
 
 def total_update_steps(cfg, batches_per_epoch: int) -> tuple[int, int]:

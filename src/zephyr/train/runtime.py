@@ -15,6 +15,7 @@ from zephyr.errors import ConfigError
 from zephyr.run_record import RunRecord
 from zephyr.train import run_folder
 from zephyr.train.distributed import accelerator_on_cpu, honour_launch_config, parameter_share
+from zephyr.train.optimizers import optimizer_name
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -69,9 +70,7 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-    from zephyr.train.loop import check_optimizer
-
-    check_optimizer(cfg)  # before anything loads
+    optimizer_name(cfg)  # refused before anything loads
     machine_notes = resolve_for_machine(cfg)
     mixed = "bf16" if use_bf16(cfg) else ("fp16" if cfg.fp16 else "no")
     trackers = report_trackers(cfg.report_to)
