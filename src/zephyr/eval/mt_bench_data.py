@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zephyr.errors import DataError, ZephyrError
-from zephyr.models import (
+from zephyr.fetch import (
     EmbeddedSource,
     exclusive_lock,
     move_into_place,
