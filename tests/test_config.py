@@ -5,23 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
-from zephyr.config import (
-    DPO_LOSS_TYPES,
-    LR_SCHEDULER_TYPES,
-    OPTIMIZERS,
-    DPOConfig,
-    SFTConfig,
-    config_keys,
-    config_to_dict,
-    describe_keys,
-    load_config,
-)
+from zephyr.config import LR_SCHEDULER_TYPES, DPOConfig, SFTConfig, config_to_dict
 from zephyr.errors import ConfigError
+from zephyr.recipe import config_keys, describe_keys, load_config
+from zephyr.train.objectives import LOSSES, check_loss_config
+from zephyr.train.optimizers import OPTIMIZERS, optimizer_name
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "handbook"
@@ -398,6 +392,60 @@ def test_contradicting_keys_are_refused(stage, overrides, both):
     assert all(key in message for key in both) and "cannot be combined" in message
 
 
+# ---------------------------------------------------------------------------------------------- registries
+
+
+def test_an_optimizer_outside_the_table_is_refused_in_the_tables_words():
+    """adamw_torch_xla is a transformers name the optimizer table does not build: refused at load, not at step 0."""
+    with pytest.raises(ConfigError) as loop_error:
+        optimizer_name(types.SimpleNamespace(optim="adamw_torch_xla"))
+    message = error("sft", None, ["--optim=adamw_torch_xla"])
+    assert str(loop_error.value) in message and "optim = 'adamw_torch_xla' (on the command line)" in message
+    assert load_config("sft", None, ["--optim=paged_adamw_8bit"]).optim == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--loss_type=robust", "--label_smoothing=0.5"], "a number in [0, 0.5) for loss_type robust"),
+        (["--loss_type=exo_pair"], "label_smoothing = 0.0 (the default) is out of range: expected a number in (0, 0.5]"),
+        (["--loss_type=sigmoid,exo_pair", "--label_smoothing=0.6"], "[0, 0.5] for loss_type sigmoid"),
+        (["--use_weighting", "--loss_type=sigmoid,aot_unpaired"], "aot_unpaired sorts the batch"),
+    ],
+)  # fmt: skip
+def test_loss_rules_come_from_the_loss_registry(overrides, expected):
+    assert expected in error("dpo", None, overrides)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_the_loader_and_check_loss_config_agree_on_every_loss(loss_type):
+    """Both read objectives.LOSS_RULES: a value the loader takes builds an objective, one it refuses does not."""
+    for smoothing in (-0.1, 0.0, 1e-3, 0.49, 0.5, 0.6):
+        for divergence in ("reverse_kl", "js_divergence"):
+            for weighting in (False, True):
+                overrides = [f"--loss_type={loss_type}", f"--label_smoothing={smoothing}",
+                             f"--f_divergence_type={divergence}", f"--use_weighting={weighting}"]  # fmt: skip
+                try:
+                    load_config("dpo", None, overrides)
+                    loaded = True
+                except ConfigError:
+                    loaded = False
+                try:
+                    check_loss_config(loss_type, label_smoothing=smoothing, f_divergence_type=divergence,
+                                      use_weighting=weighting)  # fmt: skip
+                    checked = True
+                except ConfigError:
+                    checked = False
+                assert loaded == checked, (smoothing, divergence, weighting)
+
+
+def test_help_lists_the_registered_names():
+    rows = {key: kind for key, kind, _ in describe_keys("dpo")}
+    assert rows["loss_type"] == f"list[str] in {{{', '.join(LOSSES)}}}"
+    assert rows["optim"] == f"str in {{{', '.join(OPTIMIZERS)}}}"
+    assert rows["f_divergence_type"].startswith("str in {reverse_kl, forward_kl,")
+
+
 def test_dataset_mixer_amounts(tmp_path):
     mixer = load_config("sft", None, ["--dataset_mixer={a: 0.5, b: 300.0, c: 1.0}"]).dataset_mixer
     assert mixer == {"a": 0.5, "b": 300, "c": 1.0} and type(mixer["b"]) is int and type(mixer["c"]) is float
@@ -645,8 +693,17 @@ def test_vocabularies_match_installed_transformers_and_trl():
     assert _enum_values(_installed_source("transformers", "trainer_utils.py"), "SchedulerType") == set(
         LR_SCHEDULER_TYPES
     )
-    assert _enum_values(_installed_source("transformers", "training_args.py"), "OptimizerNames") == set(
-        OPTIMIZERS
+    # The optimizer table builds a subset of transformers' names (recipes keep their spelling); the rest are refused.
+    assert set(OPTIMIZERS) <= _enum_values(
+        _installed_source("transformers", "training_args.py"), "OptimizerNames"
     )
     dpo_config = _installed_source("trl", "trainer/dpo_config.py")
-    assert all(f"`'{name}'`" in dpo_config for name in DPO_LOSS_TYPES)
+    assert all(f"`'{name}'`" in dpo_config for name in LOSSES)
+
+
+def test_the_loader_types_every_mixture_entry_key_the_mixture_reader_takes():
+    from zephyr import recipe
+    from zephyr.data import mixing
+
+    assert tuple(recipe._MIXTURE_ENTRY_HINTS) == mixing.MIXTURE_ENTRY_KEYS
+    assert recipe.MIXTURE_KEYS is mixing.MIXTURE_KEYS

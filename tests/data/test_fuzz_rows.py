@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tiny import tiny_tokenizer
-from zephyr.config import load_config
 from zephyr.data.prepare import prepare
 from zephyr.data.rejects import Rejects
 from zephyr.data.schemas import SCHEMAS, adapt_records, load_split
@@ -37,6 +36,7 @@ from zephyr.data.tokenize import IGNORE_INDEX, tokenize_preferences, tokenize_sf
 from zephyr.data.ultrachat import clean_dialogue, clean_ultrachat_file
 from zephyr.data.ultrafeedback import SCORE_RULES, binarize_file, binarize_row
 from zephyr.errors import DataError
+from zephyr.recipe import load_config
 
 FUZZ = settings(
     max_examples=150,

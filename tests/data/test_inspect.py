@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from zephyr.cli import main
-from zephyr.config import load_config
 from zephyr.data.demo import generate
 from zephyr.data.inspect import percentile
+from zephyr.recipe import load_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo"
 USER_CACHE = os.environ.get("ZEPHYR_CACHE")  # where an embedded model may already be, for the embedded test

@@ -13,10 +13,10 @@ import pytest
 
 import zephyr.data.tokenize as tokenize_module
 from zephyr.cli import main
-from zephyr.config import load_config
 from zephyr.data.demo import generate
 from zephyr.data.prepare import prepare
 from zephyr.data.tokenize import masked_segments
+from zephyr.recipe import load_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo"
 

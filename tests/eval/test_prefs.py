@@ -23,7 +23,7 @@ def _pair(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import run_dpo
 
     tmp = tmp_path_factory.mktemp("eval-prefs")

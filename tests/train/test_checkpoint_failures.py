@@ -220,7 +220,7 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(model: Path, data: Path, out: Path, *extra: str):
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import run_dpo
 
     return run_dpo(load_config("dpo", None, _args(model, data, out, *extra)), progress=False)
@@ -303,13 +303,13 @@ def reference(tmp_path, tiny_model_dir, prefs, monkeypatch):
     """(compute, passes): compute() runs `precompute_reference` on the 16 train pairs and returns the two columns;
     `passes` records each `fault_point` the pass reaches ("precompute" once per batch, then "reference-cache")."""
     import zephyr.train.dpo
-    from zephyr.config import load_config
     from zephyr.data.prepare import load_recipe_tokenizer, prepare
     from zephyr.models import load_model
+    from zephyr.recipe import load_config
     from zephyr.train.collate import PreferenceCollator
     from zephyr.train.dpo import precompute_reference
     from zephyr.train.fused_head import attach_completion_head
-    from zephyr.train.runtime import make_accelerator
+    from zephyr.train.setup import make_accelerator
 
     cfg = load_config("dpo", None, _args(tiny_model_dir, prefs, tmp_path / "out"))
     accelerator = make_accelerator(cfg)
@@ -393,8 +393,8 @@ def test_a_run_killed_before_renaming_the_reference_cache_leaves_nothing_that_is
 def test_the_reference_cache_key_follows_weights_truncation_mode_and_chat_template(
     tmp_path, tiny_model_dir, prefs
 ):
-    from zephyr.config import load_config
     from zephyr.data.prepare import prepare
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import reference_cache_path
 
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))

@@ -60,7 +60,7 @@ def parity_runs(request, tmp_path_factory, tiny_model_dir):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import run_dpo
 
     tmp = tmp_path_factory.mktemp(f"parity-{request.param}")

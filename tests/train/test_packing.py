@@ -201,8 +201,8 @@ def _write_chat(folder: Path, n: int) -> Path:
 def test_packed_sft_run_trains_on_fewer_sequences_than_examples(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
-    from zephyr.config import load_config
     from zephyr.data.prepare import prepare
+    from zephyr.recipe import load_config
     from zephyr.train.sft import run_sft
 
     monkeypatch.setenv("ZEPHYR_CACHE", str(tmp_path / "cache"))

@@ -80,7 +80,7 @@ def _dpo(
 def _dpo_here(model: Path, data: Path, out: Path, *extra: str, save_steps: int = 2):
     """`_dpo` without a fault, run in this process: the same code after the CLI's parsing (and the same metrics,
     bit for bit), without the interpreter start-up. Returns the stage's `TrainResult`."""
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
     from zephyr.train.dpo import run_dpo
 
     cfg = load_config("dpo", None, _args(model, data, out, *extra, save_steps=save_steps))

@@ -21,7 +21,11 @@ Where we differ from TRL 1.16, on purpose:
 - `sigmoid` honours `label_smoothing` as conservative DPO (cDPO) did in TRL before 1.0; TRL 1.16's `sigmoid`
   ignores it. Identical at the default `label_smoothing=0`.
 - `reference_free` and `rpo_alpha`, keys TRL dropped in 1.x, are still accepted (see `dpo_loss`).
-- Settings TRL only warns about (robust with label_smoothing >= 0.5, which divides by zero) raise `ConfigError`.
+- Settings TRL only warns about (robust with label_smoothing >= 0.5, which divides by zero) are refused.
+
+Each loss is registered with its `LossRules` (the label_smoothing it allows, whether an f-divergence generalises it,
+whether it keeps per-pair weights); the recipe loader (`zephyr.recipe`) checks a recipe against `LOSSES`,
+`LOSS_RULES` and `F_DIVERGENCES` before any model loads, so a new loss is one `@register` here.
 """
 
 from __future__ import annotations
@@ -98,15 +102,69 @@ class PreferencePair(NamedTuple):
         return chosen - rejected
 
 
+class Interval(NamedTuple):
+    """The numbers from LOW to HIGH; an open end excludes that bound."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def words(self) -> str:
+        """'>= 0 and below 0.5', for error messages."""
+        low = f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{low} and {'below' if self.high_open else 'at most'} {self.high:g}"
+
+
+# label_smoothing ε is the probability that a preference label is flipped (cDPO, robust DPO) or the smoothed label's
+# mass on the rejected answer (EXO). At 1/2 the label says nothing and above it the data would prefer the rejected
+# answer, so every loss allows [0, 0.5], the losses that ignore ε too (the key means one thing across the family).
+# TRL 1.16 checks less: it takes any ε for sigmoid (where it ignores ε) and for aot, only warns outside [0, 0.5)
+# for robust, and requires ε > 0 for exo_pair. Narrower where the math needs it: robust divides by 1 - 2ε, so
+# [0, 0.5); exo_pair takes log ε, so (0, 0.5] (the EXO paper uses 1e-3).
+LABEL_SMOOTHING_RANGE = Interval(0.0, 0.5)
+
+
+class LossRules(NamedTuple):
+    """What a recipe may combine with one loss; the recipe loader and `check_loss_config` both check these.
+
+    label_smoothing: the ε values the loss allows.
+    f_divergence: built on the chosen-minus-rejected margin, so another f-divergence than the reverse KL applies
+        (TRL's rule: the f-DPO reparameterisation leaves a β log Z(x) term that only cancels in that difference).
+    sorts_batch: pairs sorted values rather than examples, so per-pair (WPO) weights would lose their pair.
+    """
+
+    label_smoothing: Interval = LABEL_SMOOTHING_RANGE
+    f_divergence: bool = False
+    sorts_batch: bool = False
+
+
 Loss = Callable[..., Tensor]
 LOSSES: dict[str, Loss] = {}
+LOSS_RULES: dict[str, LossRules] = {}
 
 
-def register(name: str) -> Callable[[Loss], Loss]:
-    """Add a loss to `LOSSES` under its `loss_type` name; it is called as `fn(pair, beta=, label_smoothing=, ...)`."""
+def register(
+    name: str,
+    *,
+    label_smoothing: Interval = LABEL_SMOOTHING_RANGE,
+    f_divergence: bool = False,
+    sorts_batch: bool = False,
+) -> Callable[[Loss], Loss]:
+    """Add a loss to `LOSSES` under its `loss_type` name, and its rules to `LOSS_RULES`; the loss is called as
+    `fn(pair, beta=, label_smoothing=, ...)`."""
 
     def add(fn: Loss) -> Loss:
         LOSSES[name] = fn
+        LOSS_RULES[name] = LossRules(label_smoothing, f_divergence, sorts_batch)
         return fn
 
     return add
@@ -119,7 +177,7 @@ def _smoothed_logistic(margin: Tensor, label_smoothing: float) -> Tensor:
     return -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
 
 
-@register("sigmoid")
+@register("sigmoid", f_divergence=True)
 def sigmoid(p: PreferencePair, *, beta: float, label_smoothing: float = 0.0, **_) -> Tensor:
     """DPO: Rafailov et al. 2023, arXiv:2305.18290, Eq. 7: -log σ(β Δ).
 
@@ -128,13 +186,13 @@ def sigmoid(p: PreferencePair, *, beta: float, label_smoothing: float = 0.0, **_
     return _smoothed_logistic(beta * p.delta, label_smoothing)
 
 
-@register("hinge")
+@register("hinge", f_divergence=True)
 def hinge(p: PreferencePair, *, beta: float, **_) -> Tensor:
     """SLiC: Zhao et al. 2023, arXiv:2305.10425, the calibration hinge on the margin: max(0, 1 - β Δ)."""
     return torch.relu(1 - beta * p.delta)
 
 
-@register("ipo")
+@register("ipo", f_divergence=True)
 def ipo(p: PreferencePair, *, beta: float, **_) -> Tensor:
     """IPO: Azar et al. 2023, arXiv:2310.12036, Eq. 17: (Δ̄ - 1 / 2τ)², with τ = beta.
 
@@ -144,7 +202,7 @@ def ipo(p: PreferencePair, *, beta: float, **_) -> Tensor:
     return (p.length_normalised_delta() - 1 / (2 * beta)) ** 2
 
 
-@register("exo_pair")
+@register("exo_pair", label_smoothing=Interval(0.0, 0.5, low_open=True), f_divergence=True)
 def exo_pair(p: PreferencePair, *, beta: float, label_smoothing: float, **_) -> Tensor:
     """EXO-pref: Ji et al. 2024, arXiv:2402.00856, Eq. 16 with K = 2.
 
@@ -168,7 +226,7 @@ def nca_pair(p: PreferencePair, *, beta: float, **_) -> Tensor:
     )
 
 
-@register("robust")
+@register("robust", label_smoothing=Interval(0.0, 0.5, high_open=True), f_divergence=True)
 def robust(p: PreferencePair, *, beta: float, label_smoothing: float, **_) -> Tensor:
     """Robust DPO: Chowdhury et al. 2024, arXiv:2403.00409, with flip rate ε = label_smoothing in [0, 0.5).
 
@@ -198,7 +256,7 @@ def sppo_hard(p: PreferencePair, *, beta: float, **_) -> Tensor:
     return (p.chosen_logratios - 0.5 / beta) ** 2 + (p.rejected_logratios + 0.5 / beta) ** 2
 
 
-@register("aot")
+@register("aot", sorts_batch=True)
 def aot(p: PreferencePair, *, beta: float, label_smoothing: float = 0.0, **_) -> Tensor:
     """AOT (paired): Melnyk et al. 2024, arXiv:2406.05882: smoothed logistic loss on β (sorted policy margins -
     sorted reference margins), margins = chosen - rejected log-probs, sorted over the batch (1-D optimal transport).
@@ -208,7 +266,7 @@ def aot(p: PreferencePair, *, beta: float, label_smoothing: float = 0.0, **_) ->
     return _smoothed_logistic(beta * (policy_margins - reference_margins), label_smoothing)
 
 
-@register("aot_unpaired")
+@register("aot_unpaired", sorts_batch=True)
 def aot_unpaired(p: PreferencePair, *, beta: float, label_smoothing: float = 0.0, **_) -> Tensor:
     """AOT (unpaired): Melnyk et al. 2024, arXiv:2406.05882: smoothed logistic loss on β (sorted chosen log-ratios -
     sorted rejected log-ratios), each sorted over the batch on its own.
@@ -237,7 +295,7 @@ def apo_down(p: PreferencePair, *, beta: float, **_) -> Tensor:
     return torch.sigmoid(chosen) + (1 - torch.sigmoid(beta * (p.chosen_logratios - p.rejected_logratios)))
 
 
-@register("discopop")
+@register("discopop", f_divergence=True)
 def discopop(p: PreferencePair, *, beta: float, discopop_tau: float = 0.05, **_) -> Tensor:
     """DiscoPOP: Lu et al. 2024, arXiv:2406.08414, Eq. 5: a log-ratio-modulated blend of the logistic and the
     exponential loss, m = σ(β Δ / τ): (1 - m) (-log σ(β Δ)) + m exp(-β Δ).
@@ -247,7 +305,7 @@ def discopop(p: PreferencePair, *, beta: float, discopop_tau: float = 0.05, **_)
     return -F.logsigmoid(margin) * (1 - modulation) + torch.exp(-margin) * modulation
 
 
-@register("sft")
+@register("sft", f_divergence=True)
 def sft(p: PreferencePair, **_) -> Tensor:
     """The NLL of the chosen completions, per token over the whole batch (RPO: Pang et al. 2024, arXiv:2404.19733,
     as `loss_type=[sigmoid, sft]`); spread evenly over the pairs so that `losses.mean()` is the batch NLL.
@@ -258,7 +316,7 @@ def sft(p: PreferencePair, **_) -> Tensor:
     return nll.expand(p.chosen_sft_logps.shape[0])
 
 
-@register("sigmoid_norm")
+@register("sigmoid_norm", f_divergence=True)
 def sigmoid_norm(p: PreferencePair, *, beta: float, **_) -> Tensor:
     """Length-normalised DPO (Tülu 3's `dpo_norm`, Lambert et al. 2024, arXiv:2411.15124): -log σ(β Δ̄), where each
     side's log-ratio is divided by its completion length.
@@ -282,8 +340,6 @@ F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
     "js_divergence": lambda r, _alpha: math.log(2) + F.logsigmoid(r),
     "alpha_divergence": _alpha_divergence,
 }
-# Only these losses are built on the f-transformed margin; TRL rejects the others with a non-default divergence.
-F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 
 
 def check_loss_config(
@@ -295,7 +351,13 @@ def check_loss_config(
     f_divergence_type: str = "reverse_kl",
     use_weighting: bool = False,
 ) -> tuple[list[str], list[float]]:
-    """Validate the loss keys of a DPO recipe; returns (loss types, one weight per type). Raises ConfigError."""
+    """(loss types, one weight per type) from a DPO recipe's loss keys: a lone name becomes a list, no weights 1.0 each.
+
+    Checks the rules the recipe loader checks (`LOSSES`, `LOSS_RULES`, `F_DIVERGENCES`), for callers that build an
+    objective from values `zephyr.recipe.load_config` has not seen; a loaded recipe passes, and a user of the CLI
+    meets the loader's error first, which names where each key was set. Once per run, never per step.
+    Raises ConfigError.
+    """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not loss_types:
         raise ConfigError("loss_type is empty: name at least one loss, e.g. loss_type: sigmoid.")
@@ -313,30 +375,28 @@ def check_loss_config(
         raise ConfigError(
             f"beta must be positive, got {beta}; the Zephyr recipe uses 0.01, TRL's default is 0.1."
         )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-    if "robust" in loss_types and label_smoothing >= 0.5:
-        raise ConfigError(
-            f"label_smoothing is the label flip rate for the robust loss and must be below 0.5, got {label_smoothing}."
-        )
-    if "exo_pair" in loss_types and label_smoothing == 0.0:
-        raise ConfigError(
-            "The exo_pair loss needs label_smoothing > 0 (its ε); the EXO paper recommends 1e-3."
-        )
+    for name in loss_types:
+        allowed = LOSS_RULES[name].label_smoothing
+        if label_smoothing not in allowed:
+            raise ConfigError(
+                f"The {name} loss needs label_smoothing {allowed.words()}, got {label_smoothing}."
+            )
     if f_divergence_type not in F_DIVERGENCES:
         raise ConfigError(
             f"Unknown f_divergence_type '{f_divergence_type}'; choose from {', '.join(F_DIVERGENCES)}."
         )
-    unsupported = sorted(set(loss_types) - F_DIVERGENCE_LOSSES)
+    unsupported = sorted({t for t in loss_types if not LOSS_RULES[t].f_divergence})
     if f_divergence_type != "reverse_kl" and unsupported:
+        supported = sorted(t for t, rules in LOSS_RULES.items() if rules.f_divergence)
         raise ConfigError(
-            f"f_divergence_type '{f_divergence_type}' only applies to {', '.join(sorted(F_DIVERGENCE_LOSSES))}; "
+            f"f_divergence_type '{f_divergence_type}' only applies to {', '.join(supported)}; "
             f"not to {', '.join(unsupported)}. Use f_divergence_type: reverse_kl with these losses."
         )
-    if use_weighting and {"aot", "aot_unpaired"} & set(loss_types):
+    sorting = sorted({t for t in loss_types if LOSS_RULES[t].sorts_batch})
+    if use_weighting and sorting:
         raise ConfigError(
-            "use_weighting (WPO) cannot be combined with aot / aot_unpaired, which sort the batch and so lose the "
-            "pairing the weights refer to. Turn one of them off."
+            f"use_weighting (WPO) cannot be combined with {' / '.join(sorting)}, which sort the batch and so lose "
+            "the pairing the weights refer to. Turn one of them off."
         )
     return loss_types, weights
 
@@ -375,20 +435,11 @@ def dpo_loss(
 
     The loss of a micro-batch is `losses.mean()`, which equals TRL's Σ_k loss_weight_k x mean(loss_k).
     """
+    # Unchecked, as this runs every step: the recipe loader (or `check_loss_config`, once per run) checked these keys.
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    loss_weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     if rpo_alpha is not None:
-        loss_type = ([loss_type] if isinstance(loss_type, str) else list(loss_type)) + ["sft"]
-        if loss_weights is not None:
-            loss_weights = list(loss_weights) + [rpo_alpha]
-        else:
-            loss_weights = [1.0] * (len(loss_type) - 1) + [rpo_alpha]
-    loss_types, loss_weights = check_loss_config(
-        loss_type,
-        loss_weights,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type,
-        use_weighting=weights is not None,
-    )
+        loss_types, loss_weights = loss_types + ["sft"], loss_weights + [rpo_alpha]
     if reference_free:
         ref_chosen_logps, ref_rejected_logps = (
             torch.zeros_like(chosen_logps),

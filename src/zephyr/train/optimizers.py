@@ -65,7 +65,7 @@ def optimizer_name(cfg) -> str:
     optim = (cfg.optim or DEFAULT_OPTIMIZER).lower()
     if optim not in OPTIMIZERS:
         raise ConfigError(
-            f"optim: {optim} is a transformers optimizer name Zephyr does not build; use one of {', '.join(OPTIMIZERS)}"
+            f"optim: {optim} is not an optimizer Zephyr builds; use one of {', '.join(OPTIMIZERS)}"
         )
     return optim
 
