@@ -15,8 +15,10 @@ import yaml
 from safetensors.numpy import save_file
 
 from zephyr.card import write_card
-from zephyr.config import config_to_dict, load_config
+from zephyr.config import config_to_dict
 from zephyr.errors import ConfigError, ZephyrError
+from zephyr.recipe import load_config
+from zephyr.run_record import RECORD_FILE
 from zephyr.train.results import results_table
 
 UFB = "HuggingFaceH4/ultrafeedback_binarized"
@@ -80,7 +82,7 @@ def make_run(
     folder: Path, rec: dict, *, generation: dict | None = GENERATION, files: dict | None = None
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "zephyr_run.json").write_text(json.dumps(rec))
+    (folder / RECORD_FILE).write_text(json.dumps(rec))  # by hand: some tests need old or broken records
     if generation is not None:
         (folder / "generation_config.json").write_text(json.dumps(generation))
     for name, content in (files or {}).items():
@@ -378,6 +380,9 @@ def test_mt_bench_scores_are_on_the_card_when_scores_json_exists(tmp_path):
                                  "Coding": "4.2"}  # fmt: skip
     assert "judged by `gpt-4` over 80 questions" in mt_bench and "2 judgments could not be parsed" in mt_bench
     assert "(mt-bench/categories.png)" in mt_bench
+    card = (tmp_path / "zephyr-7b-dpo" / "README.md").read_text()
+    # Three results share one task mapping: each written out again, no YAML anchor or alias.
+    assert "&id" not in card and "*id" not in card
     _, without = write(tmp_path / "other")
     assert "MT-Bench" not in without
 

@@ -3,12 +3,15 @@
     write_card("outputs/zephyr-7b-dpo")                          # the recipe's own `card:` mapping, as recorded
     write_card("outputs/zephyr-7b-dpo", card={"license": "mit"})  # or an explicit one
 
-What the run knows comes from its folder: `zephyr_run.json` (stage, base model, recipe, process count, log history,
-library versions), `generation_config.json` (the sampling defaults of the inference example), the weights' headers
-(the parameter count), `eval_prefs.json` (held-out preference metrics) and `mt-bench/scores.json` (`zephyr eval
-mt-bench --output RUN_DIR/mt-bench`). What it cannot know (license, language, intended uses, limitations, the hub
-names of local data) comes from the recipe's `card:` mapping (keys: zephyr.config.CARD_KEYS); where a key is unset
-the card says so in a plain sentence rather than leaving a placeholder.
+What the run knows comes from its folder: its RunRecord (`zephyr_run.json`: stage, base model, recipe, process count,
+log history, library versions), `generation_config.json` (the sampling defaults of the inference example), the
+weights' headers (the parameter count), `eval_prefs.json` (held-out preference metrics) and `mt-bench/scores.json`
+(`zephyr eval mt-bench --output RUN_DIR/mt-bench`). What it cannot know (license, language, intended uses,
+limitations, the hub names of local data) comes from the recipe's `card:` mapping (keys: zephyr.config.CARD_KEYS);
+where a key is unset the card says so in a plain sentence rather than leaving a placeholder.
+
+huggingface_hub writes the card: ModelCardData the YAML metadata, EvalResult the model-index, ModelCard the file,
+from CARD_TEMPLATE, our own text rather than the hub's default template.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from zephyr.config import check_card
 from zephyr.errors import ZephyrError
+from zephyr.recipe import check_card
+from zephyr.run_record import RECORD_FILE, RunRecord
 from zephyr.train.results import DPO_COLUMNS, results_table
 
-RUN_RECORD = "zephyr_run.json"
 STAGE_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference Optimization (DPO)"}
 # framework_versions keys as people write the library names.
 LIBRARY_NAMES = {
@@ -39,14 +42,55 @@ EXAMPLE_MESSAGES = [
     ("user", "Why do onions make people cry when they are cut?"),
 ]
 _SAMPLING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+# The task of every model-index result.
+TASK = {"task_type": "text-generation", "task_name": "Text Generation"}
 
+# The Jinja template ModelCard.from_template fills: the zephyr-7b-alpha card's sections in its order, each field a
+# piece of Markdown from card_sections. It ends in a blank line because Jinja drops a template's last newline.
+CARD_TEMPLATE = """\
+---
+{{ card_data }}
+---
 
-class _PlainDumper(yaml.SafeDumper):
-    """Writes a repeated mapping out again instead of as a YAML anchor and alias (`&id001`), which hub readers of
-    the model-index handle poorly and people find cryptic."""
+# Model Card for {{ title }}
 
-    def ignore_aliases(self, data):
-        return True
+{{ description }}
+
+## Model description
+
+{{ model_facts }}
+
+## Intended uses & limitations
+
+{{ intended_uses }}
+
+{{ inference_example }}
+
+## Bias, Risks, and Limitations
+
+{{ limitations }}
+
+## Training and evaluation data
+
+{{ data }}
+
+{{ evaluation }}
+
+### Training hyperparameters
+
+The following hyperparameters were used during training:
+
+{{ hyperparameters }}
+
+### Training results
+
+{{ results }}
+
+### Framework versions
+
+{{ framework_versions }}
+
+"""
 
 
 @dataclass
@@ -54,7 +98,7 @@ class Run:
     """What a card is written from: RUN_DIR's record and the files beside it."""
 
     folder: Path
-    record: dict[str, Any]  # zephyr_run.json
+    record: RunRecord
     card: dict[str, Any]  # the recipe's `card:` mapping
     generation: dict[str, Any]  # generation_config.json, {} when absent
     model_config: dict[str, Any]  # config.json (base_config/config.json for a LoRA adapter), {} when absent
@@ -63,11 +107,11 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.record["config"]
+        return self.record.config
 
     @property
     def stage(self) -> str:
-        return self.record["stage"]
+        return self.record.stage
 
     @property
     def model_id(self) -> str:
@@ -81,11 +125,16 @@ class Run:
 
     @property
     def base_model(self) -> str:
-        return self.record.get("base_model") or self.config.get("model_name_or_path")
+        return self.record.base_model or self.config.get("model_name_or_path")
 
     @property
     def is_adapter(self) -> bool:
         return (self.folder / "adapter_config.json").is_file()
+
+    @property
+    def processes(self) -> int | None:
+        """The run's process count; None for a record written before process counts were kept."""
+        return self.record.num_processes
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -96,36 +145,26 @@ def write_card(run_dir: str | Path, *, card: dict | None = None) -> Path:
     its path. CARD is the recipe's `card:` mapping (keys: zephyr.config.CARD_KEYS), used in place of the one
     recorded with the run; None uses the recorded one."""
     run = read_run(run_dir, card=card)
-    metadata = yaml.dump(
-        card_metadata(run), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=120
-    )
     path = run.folder / "README.md"
-    path.write_text(f"---\n{metadata}---\n\n{card_body(run)}", encoding="utf-8")
+    model_card(run).save(path)
     return path
 
 
 def read_run(run_dir: str | Path, *, card: dict | None = None) -> Run:
     folder = Path(run_dir)
-    what = "give the output folder of a `zephyr sft` or `zephyr dpo` run (its output_dir)"
     if not folder.is_dir():
-        raise ZephyrError(f"{folder} is not a folder; {what}.")
-    if not (folder / RUN_RECORD).is_file():
         raise ZephyrError(
-            f"{folder} has no {RUN_RECORD}, so it is not a `zephyr sft` or `zephyr dpo` output; {what}."
+            f"{folder} is not a folder; give the output folder of a `zephyr sft` or `zephyr dpo` run "
+            "(its output_dir)."
         )
-    record = _read_json(folder / RUN_RECORD)
-    for key, kind in (("stage", str), ("config", dict), ("log_history", list)):
-        if not isinstance(record.get(key), kind):
-            raise ZephyrError(
-                f"{folder / RUN_RECORD} has no valid '{key}'; it is not a Zephyr run record (rerun the training)."
-            )
+    record = RunRecord.read(folder)
     model_config = folder / "config.json"
     if not model_config.is_file():
         model_config = folder / "base_config" / "config.json"  # a LoRA adapter folder
     return Run(
         folder=folder,
         record=record,
-        card=check_card(record["config"].get("card"), f"in {folder / RUN_RECORD}")
+        card=check_card(record.config.get("card"), f"in {folder / RECORD_FILE}")
         if card is None
         else check_card(card, "given for the model card"),
         generation=_read_json(folder / "generation_config.json", optional=True) or {},
@@ -135,7 +174,12 @@ def read_run(run_dir: str | Path, *, card: dict | None = None) -> Run:
     )
 
 
-def card_metadata(run: Run) -> dict[str, Any]:
+def model_card(run: Run) -> ModelCard:
+    """RUN's card: card_metadata as the YAML front matter, card_sections filling CARD_TEMPLATE below it."""
+    return ModelCard.from_template(card_metadata(run), template_str=CARD_TEMPLATE, **card_sections(run))
+
+
+def card_metadata(run: Run) -> ModelCardData:
     """The YAML front matter: license, base model, datasets, language, tags and the model-index of eval results."""
     config = run.config
     # The hub's metadata names hub repositories; a local path is only described in the text.
@@ -144,44 +188,35 @@ def card_metadata(run: Run) -> dict[str, Any]:
     tags = ["zephyr", run.stage, *(_loss_types(config) if run.stage == "dpo" else [])]
     if config.get("use_peft"):
         tags.append("lora")
-    tags += [t for t in run.card.get("tags", []) if t not in tags]
-    meta: dict[str, Any] = {"license": run.card.get("license", "unknown")}
-    if base:
-        meta["base_model"] = base
-    if datasets:
-        meta["datasets"] = list(datasets)
-    if run.card.get("language"):
-        meta["language"] = list(run.card["language"])
-    meta["library_name"] = "peft" if run.is_adapter else "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = tags
-    meta["model-index"] = [{"name": run.name, "results": _model_index_results(run)}]
-    return meta
+    return ModelCardData(
+        license=run.card.get("license", "unknown"),
+        base_model=base,
+        datasets=list(datasets) or None,
+        language=list(run.card.get("language") or []) or None,
+        library_name="peft" if run.is_adapter else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags + run.card.get("tags", []),  # ModelCardData drops repeats, keeping the first
+        model_name=run.name,
+        # [] still writes a model-index (with no results), as Transformers' Trainer cards do.
+        eval_results=_eval_results(run),
+    )
 
 
-def card_body(run: Run) -> str:
-    """The card's Markdown below the front matter, section by section in the zephyr-7b-alpha card's order."""
-    sections = [
-        f"# Model Card for {run.name}",
-        _description(run),
-        "## Model description",
-        _model_facts(run),
-        "## Intended uses & limitations",
-        run.card.get("intended_uses") or _default_intended_uses(run),
-        _inference_example(run),
-        "## Bias, Risks, and Limitations",
-        run.card.get("limitations") or _default_limitations(run),
-        "## Training and evaluation data",
-        _data_text(run),
-        _evaluation_text(run),
-        "### Training hyperparameters",
-        "The following hyperparameters were used during training:\n\n" + _bullets(_hyperparameters(run)),
-        "### Training results",
-        _results_text(run),
-        "### Framework versions",
-        _bullets(_framework_versions(run)),
-    ]
-    return "\n\n".join(s for s in sections if s) + "\n"
+def card_sections(run: Run) -> dict[str, str]:
+    """CARD_TEMPLATE's fields: the Markdown of each section of the card."""
+    return {
+        "title": run.name,
+        "description": _description(run),
+        "model_facts": _model_facts(run),
+        "intended_uses": run.card.get("intended_uses") or _default_intended_uses(run),
+        "inference_example": _inference_example(run),
+        "limitations": run.card.get("limitations") or _default_limitations(run),
+        "data": _data_text(run),
+        "evaluation": _evaluation_text(run),
+        "hyperparameters": _bullets(_hyperparameters(run)),
+        "results": _results_text(run),
+        "framework_versions": _bullets(_framework_versions(run)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -267,34 +302,42 @@ def _parameter_count(folder: Path) -> int | None:
 # ---------------------------------------------------------------------------------------------- front matter
 
 
-def _model_index_results(run: Run) -> list[dict[str, Any]]:
-    task = {"type": "text-generation", "name": "Text Generation"}
+def _eval_results(run: Run) -> list[EvalResult]:
+    """The model-index, one EvalResult per metric. The hub groups results by task and dataset (type, split), so the
+    three sources (the final eval, eval_prefs.json, MT-Bench) stay three entries as long as their datasets differ."""
     results = []
-    final = _metrics(_final_eval(run.record["log_history"]), prefix="eval_")
+    final = _metrics(_final_eval(run.record.log_history), prefix="eval_")
     if final:
         names = run.card.get("datasets") or _dataset_ids(run.config)
-        dataset = {"name": ", ".join(names), "type": names[0] if len(names) == 1 else "mixture"}
-        if run.config.get("dataset_name") and run.config.get("test_split_size") is None:
-            dataset["split"] = run.config.get("dataset_test_split")
-        results.append({"task": task, "dataset": dataset, "metrics": _index_metrics(final)})
+        # A named split only when the eval read one whole (dataset_name with no test_split_size carved out).
+        whole_split = run.config.get("dataset_name") and run.config.get("test_split_size") is None
+        dataset = {
+            "dataset_name": ", ".join(names),
+            "dataset_type": names[0] if len(names) == 1 else "mixture",
+            "dataset_split": run.config.get("dataset_test_split") if whole_split else None,
+        }
+        results += _metric_results(dataset, final)
     prefs = _metrics(run.eval_prefs or {})
     if prefs:
         name = run.eval_prefs.get("dataset") if isinstance(run.eval_prefs.get("dataset"), str) else None
-        dataset = {"name": name or "held-out preference pairs", "type": name or "preference-pairs"}
-        results.append({"task": task, "dataset": dataset, "metrics": _index_metrics(prefs)})
-    scores = _mt_bench_scores(run.mt_bench)
-    if scores:
-        metrics = [
-            {"type": "mt-bench", "name": f"MT-Bench ({label})", "value": v} for label, v in scores.items()
-        ]
-        results.append(
-            {"task": task, "dataset": {"name": "MT-Bench", "type": "mt-bench"}, "metrics": metrics}
-        )
+        dataset = {
+            "dataset_name": name or "held-out preference pairs",
+            "dataset_type": name or "preference-pairs",
+        }
+        results += _metric_results(dataset, prefs)
+    results += [
+        EvalResult(**TASK, dataset_name="MT-Bench", dataset_type="mt-bench", metric_type="mt-bench",
+                   metric_name=f"MT-Bench ({label})", metric_value=value)
+        for label, value in _mt_bench_scores(run.mt_bench).items()
+    ]  # fmt: skip
     return results
 
 
-def _index_metrics(metrics: dict[str, float]) -> list[dict[str, Any]]:
-    return [{"type": name, "name": _metric_title(name), "value": value} for name, value in metrics.items()]
+def _metric_results(dataset: dict[str, Any], metrics: dict[str, float]) -> list[EvalResult]:
+    return [
+        EvalResult(**TASK, **dataset, metric_type=name, metric_name=_metric_title(name), metric_value=value)
+        for name, value in metrics.items()
+    ]
 
 
 def _mt_bench_scores(scores: dict[str, Any] | None) -> dict[str, float]:
@@ -325,12 +368,12 @@ def _description(run: Run) -> str:
         " through a LoRA adapter" if config.get("use_peft") else ""
     )
     data = ", ".join(f"`{d}`" for d in run.card.get("datasets") or _dataset_ids(config))
-    steps = [e["step"] for e in run.record["log_history"] if "step" in e]
-    epochs = [e["epoch"] for e in run.record["log_history"] if "epoch" in e]
+    steps = [e["step"] for e in run.record.log_history if "step" in e]
+    epochs = [e["epoch"] for e in run.record.log_history if "epoch" in e]
     length = f" for {max(steps)} optimizer steps" if steps else ""
     if steps and epochs:
         length += f" ({_plain(max(epochs))} epoch{'' if max(epochs) == 1 else 's'})"
-    version = f" {run.record['zephyr_version']}" if run.record.get("zephyr_version") else ""
+    version = f" {run.record.zephyr_version}" if run.record.zephyr_version else ""
     text = (
         f"{run.name} is `{run.base_model}` fine-tuned with {method} on {data}{length}. It was trained with "
         f"Zephyr{version}, a reproduction of the Zephyr-7B recipe (supervised fine-tuning on chat dialogues, then "
@@ -426,7 +469,7 @@ def _data_text(run: Run) -> str:
         )
         text = f"Training used the `{config.get('dataset_train_split')}` split of {name}"
         held_out = config.get("test_split_size")
-        if not _final_eval(run.record["log_history"]):
+        if not _final_eval(run.record.log_history):
             text += "."
         elif held_out is not None:
             text += f"; evaluation used a held-out {_amount(held_out)} of it."
@@ -460,7 +503,7 @@ def _data_text(run: Run) -> str:
 
 def _evaluation_text(run: Run) -> str:
     parts = []
-    final = _final_eval(run.record["log_history"])
+    final = _final_eval(run.record.log_history)
     metrics = _metrics(final, prefix="eval_")
     if metrics:
         at = f" (step {final['step']})" if "step" in final else ""
@@ -498,7 +541,7 @@ def _hyperparameters(run: Run) -> list[str]:
     """The card's "key: value" hyperparameter lines, in its order, then what Zephyr adds (lengths, DPO, LoRA).
     Runs recorded before process counts were kept have no distributed_type, num_devices or total batch sizes."""
     config, record = run.config, run.record
-    processes = record.get("num_processes")
+    processes = run.processes
     lines = [
         f"learning_rate: {config.get('learning_rate')}",
         f"train_batch_size: {config.get('per_device_train_batch_size')}",
@@ -510,10 +553,10 @@ def _hyperparameters(run: Run) -> list[str]:
         lines.append(f"num_devices: {processes}")
     lines.append(f"gradient_accumulation_steps: {config.get('gradient_accumulation_steps')}")
     if processes is not None:
-        train_total = record.get("total_train_batch_size") or (
+        train_total = record.total_train_batch_size or (
             config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * processes
         )
-        eval_total = record.get("total_eval_batch_size") or config["per_device_eval_batch_size"] * processes
+        eval_total = record.total_eval_batch_size or config["per_device_eval_batch_size"] * processes
         lines.append(f"total_train_batch_size: {train_total}")
         lines.append(f"total_eval_batch_size: {eval_total}")
     lines.append(f"optimizer: {_optimizer(config)}")
@@ -528,8 +571,8 @@ def _hyperparameters(run: Run) -> list[str]:
         lines.append(f"training_steps: {config['max_steps']}")
     else:
         lines.append(f"num_epochs: {_plain(config.get('num_train_epochs'))}")
-    if record.get("mixed_precision") not in (None, "no"):
-        lines.append(f"mixed_precision_training: {record['mixed_precision']}")
+    if record.mixed_precision not in (None, "no"):
+        lines.append(f"mixed_precision_training: {record.mixed_precision}")
     if config.get("max_length") is not None:
         lines.append(f"max_length: {config['max_length']}")
     if run.stage == "dpo":
@@ -568,8 +611,8 @@ def _dpo_hyperparameters(run: Run) -> list[str]:
         lines.append(f"max_prompt_length: {config['max_prompt_length']}")
     if config.get("reference_free"):
         lines.append("reference_model: none (reference-free)")
-    elif run.record.get("reference_model"):
-        lines.append(f"reference_model: {run.record['reference_model']}")
+    elif run.record.reference_model:
+        lines.append(f"reference_model: {run.record.reference_model}")
     return lines
 
 
@@ -585,7 +628,7 @@ def _optimizer(config: dict[str, Any]) -> str:
 
 
 def _results_text(run: Run) -> str:
-    log_history = run.record["log_history"]
+    log_history = run.record.log_history
     if not any("loss" in entry or "eval_loss" in entry for entry in log_history):
         return "The run logged no training steps."
     text = results_table(log_history, run.stage)
@@ -595,11 +638,11 @@ def _results_text(run: Run) -> str:
 
 
 def _framework_versions(run: Run) -> list[str]:
-    versions = run.record.get("framework_versions")
+    versions = run.record.framework_versions
     if versions:
         return [f"{LIBRARY_NAMES.get(name, name)} {version}" for name, version in versions.items()]
     # Runs recorded before framework_versions: what the folder itself says.
-    lines = [f"Zephyr {run.record['zephyr_version']}"] if run.record.get("zephyr_version") else []
+    lines = [f"Zephyr {run.record.zephyr_version}"] if run.record.zephyr_version else []
     written_by = run.generation.get("transformers_version") or run.model_config.get("transformers_version")
     if written_by:
         lines.append(f"Transformers {written_by} (the version that wrote the model files)")

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zephyr import __version__
 from zephyr.errors import ZephyrError
 
 RECORD_FILE = "zephyr_run.json"
@@ -25,7 +24,7 @@ class RunRecord:
     log_history: list[dict[str, Any]]  # every metrics.jsonl record, training and eval
     base_model: str | None = None  # model_name_or_path
     reference_model: str | None = None  # DPO: what the rewards are measured against
-    num_processes: int = 1
+    num_processes: int | None = None  # None in records older than the count
     distributed_type: str = "NO"
     total_train_batch_size: int | None = None
     total_eval_batch_size: int | None = None
@@ -33,11 +32,11 @@ class RunRecord:
     mixed_precision: str = "no"
     framework_versions: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None  # zephyr.train.run_folder.fingerprint
-    zephyr_version: str = __version__
+    zephyr_version: str | None = None  # the writer's version (None in records older than the field)
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / RECORD_FILE
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1, default=str))
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1, default=str), encoding="utf-8")
         return path
 
     @classmethod
@@ -47,11 +46,16 @@ class RunRecord:
         path = Path(folder) / RECORD_FILE
         if not path.is_file():
             raise ZephyrError(
-                f"{folder} has no {RECORD_FILE}, so it is not the output of a `zephyr sft` or `zephyr dpo` run"
+                f"{folder} has no {RECORD_FILE}, so it is not the output of a `zephyr sft` or `zephyr dpo` run; give "
+                "the output folder of such a run (its output_dir)"
             )
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ZephyrError(f"{path} cannot be read ({err}); rerun the training to write it again") from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
             raise ZephyrError(
                 f"{path} is not valid JSON ({err}); rerun the training to write it again"
             ) from err
