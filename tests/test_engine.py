@@ -115,6 +115,51 @@ def test_prompt_longer_than_the_context_is_a_request_error(engine):
     assert err.value.param == "messages" and err.value.code == "context_length_exceeded"
 
 
+def test_generate_batches_decodes_a_batch_turn_by_turn_each_after_its_own_answer(engine, monkeypatch):
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    sizes = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda requests: sizes.append(len(requests)) or run(requests))
+    follow_ups = [["And 12 * 3?"], [], ["Shorter.", "Shorter still."]]
+    batches = list(engine.generate_batches(CONVERSATIONS, params, batch_size=2, follow_ups=follow_ups))
+    assert [b.indices for b in batches] == [range(0, 2), range(2, 3)]
+    # batch 1: both first turns together, then conversation 0's second; batch 2: conversation 2's three turns
+    assert sizes == [2, 1, 1, 1, 1]
+    answers = [turns for b in batches for turns in b.answers]
+    assert [len(turns) for turns in answers] == [2, 1, 3]
+    history = list(CONVERSATIONS[2])
+    for turn, done in enumerate(answers[2]):
+        if turn:
+            history += [
+                {"role": "assistant", "content": answers[2][turn - 1].text.strip()},
+                {"role": "user", "content": follow_ups[2][turn - 1]},
+            ]
+        assert done.text == _reference_greedy(engine, history, 6)
+
+
+def test_generate_batches_checks_every_first_prompt_before_decoding_any(engine, monkeypatch):
+    long = [{"role": "user", "content": "fox " * (engine.context_length + 10)}]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    runs = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda requests: runs.append(requests) or run(requests))
+    with pytest.raises(RequestError):
+        engine.generate_batches([CONVERSATIONS[0], long], params, batch_size=1)
+    assert runs == []
+
+    told = []
+    batches = engine.generate_batches(
+        [long, CONVERSATIONS[0]], params, batch_size=2, follow_ups=[["Shorter."], []],
+        on_bad_prompt=lambda i, turn, err: told.append((i, turn, err.code)),
+    )  # fmt: skip
+    assert told == [(0, 0, "context_length_exceeded")] and runs == []
+    ((skipped, answered),) = [b.answers for b in batches]
+    # the skipped turn is answered "", and the conversation goes on (its second turn is still too long)
+    assert told[1:] == [(0, 1, "context_length_exceeded")]
+    assert [(d.text, d.finish_reason) for d in skipped] == [("", "context_length_exceeded")] * 2
+    assert answered[0].text == _reference_greedy(engine, CONVERSATIONS[0], 4)
+
+
 @pytest.mark.parametrize(
     "messages, param",
     [

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from zephyr.errors import ZephyrError
+from zephyr.fetch import EMBEDDED_MODEL
+from zephyr.models import check_vocabulary, load_model, load_tokenizer, model_identity, resolve_model
 
 ROLES = ("system", "user", "assistant")
 MIN_TEMPERATURE = 1e-4
@@ -60,9 +63,19 @@ class Request:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop" (eos or a stop string), "length" (token budget) or "cancelled"
+    # "stop" (eos or a stop string), "length" (token budget), "cancelled", or from `generate_batches` the code of a
+    # prompt it was told to skip (e.g. "context_length_exceeded")
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+class AnsweredBatch(NamedTuple):
+    """One batch from `Engine.generate_batches`."""
+
+    indices: range  # positions of the batch's conversations in the input
+    # answers[k][t]: conversation indices[k]'s answer to its turn t (0: the first)
+    answers: list[list[Completion]]
 
 
 @dataclass
@@ -119,15 +132,6 @@ class Engine:
         a CPU (bf16 matrix products are slow on CPUs without AVX512-BF16 / AMX).
         """
         from transformers import GenerationConfig
-
-        from zephyr.models import (
-            EMBEDDED_MODEL,
-            check_vocabulary,
-            load_model,
-            load_tokenizer,
-            model_identity,
-            resolve_model,
-        )
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None and device.startswith("cuda"):
@@ -197,6 +201,66 @@ class Engine:
             return []
         with self._lock, torch.inference_mode():
             return self._run(list(requests))
+
+    def generate_batches(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        params: SamplingParams,
+        *,
+        batch_size: int,
+        follow_ups: Sequence[Sequence[str]] | None = None,
+        on_bad_prompt: Callable[[int, int, RequestError], None] | None = None,
+    ) -> Iterator[AnsweredBatch]:
+        """Answer CONVERSATIONS (each ending with a user turn) BATCH_SIZE at a time, yielding each batch as soon as
+        it is decoded, so that a caller can save it before the next one starts.
+
+        FOLLOW_UPS[i] are more user turns for conversation i, each asked after the model's own previous answer
+        (stripped of surrounding whitespace, as FastChat's gen_model_answer keeps it): a batch decodes all its first
+        turns together, then all its second turns, and so on.
+
+        Every first prompt is encoded by this call, before anything is decoded, so a prompt the engine cannot take
+        stops the work before it starts: a RequestError, or ON_BAD_PROMPT(i, turn, error) when given (turn 0 is the
+        first). When ON_BAD_PROMPT returns instead of raising, that turn is answered "" with the error's code as its
+        finish_reason, and the conversation goes on.
+        """
+        histories = [list(messages) for messages in conversations]
+        follow_ups = follow_ups if follow_ups is not None else [()] * len(histories)
+        first = [self._encode_turn(h, i, 0, on_bad_prompt) for i, h in enumerate(histories)]
+        return self._answer_batches(histories, follow_ups, first, params, batch_size, on_bad_prompt)
+
+    def _answer_batches(self, histories, follow_ups, first, params, batch_size, on_bad_prompt):
+        for start in range(0, len(histories), batch_size):
+            indices = range(start, min(start + batch_size, len(histories)))
+            answers: dict[int, list[Completion]] = {i: [] for i in indices}
+            for turn in range(1 + max(len(follow_ups[i]) for i in indices)):
+                prompts: dict[int, list[int] | RequestError] = {}
+                for i in indices:
+                    if turn == 0:
+                        prompts[i] = first[i]
+                    elif turn <= len(follow_ups[i]):
+                        histories[i] += [
+                            {"role": "assistant", "content": answers[i][-1].text.strip()},
+                            {"role": "user", "content": follow_ups[i][turn - 1]},
+                        ]
+                        prompts[i] = self._encode_turn(histories[i], i, turn, on_bad_prompt)
+                asked = [i for i, prompt in prompts.items() if not isinstance(prompt, RequestError)]
+                completions = iter(self.run([Request(prompts[i], params) for i in asked]))
+                for i, prompt in prompts.items():
+                    skipped = isinstance(prompt, RequestError)
+                    answers[i].append(
+                        Completion("", prompt.code or "error", 0, 0) if skipped else next(completions)
+                    )
+            yield AnsweredBatch(indices, [answers[i] for i in indices])
+
+    def _encode_turn(self, messages, index: int, turn: int, on_bad_prompt) -> list[int] | RequestError:
+        """MESSAGES' prompt ids, or the RequestError that ON_BAD_PROMPT was told of and let pass."""
+        try:
+            return self.encode_chat(messages)
+        except RequestError as err:
+            if on_bad_prompt is None:
+                raise
+            on_bad_prompt(index, turn, err)
+            return err
 
     def _run(self, requests: list[Request]) -> list[Completion]:
         from transformers import DynamicCache
@@ -428,7 +492,5 @@ def _check_sampling(p: SamplingParams) -> None:
 def model_label(path: str | Path | None) -> str:
     """A short name for a model in messages: the folder name, or the hub id / embedded name as given."""
     if path is None:
-        from zephyr.models import EMBEDDED_MODEL
-
         return EMBEDDED_MODEL
     return Path(path).name if Path(path).is_dir() else str(path)

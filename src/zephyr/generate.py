@@ -13,18 +13,17 @@ made them (`OUTPUT.run.json` records both; `--overwrite` starts over). Every row
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import asdict
 from pathlib import Path
 
-from zephyr.engine import Engine, Request, RequestError, SamplingParams
+from zephyr.engine import Engine, RequestError, SamplingParams, check_messages
 from zephyr.errors import DataError
+from zephyr.jsonl_log import appending, read_records
 from zephyr.provenance import check_or_start
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, int, dict, list[dict]]]:
     """(key, line number, row, messages) for every line of PATH; a DataError naming the line and field for a bad one."""
-    from zephyr.engine import check_messages
-
     path = Path(path)
     if not path.is_file():
         raise DataError("the input file does not exist", file=str(path))
@@ -73,23 +72,6 @@ def read_prompts(path: str | Path) -> list[tuple[str, int, dict, list[dict]]]:
     return rows
 
 
-def finished_keys(output: Path) -> set[str]:
-    """Keys of rows already answered in OUTPUT. A last line cut short by a crash is removed (it will be redone)."""
-    if not output.is_file():
-        return set()
-    data = output.read_bytes()
-    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        print(f"{output}: the last line was cut short by an interrupted run; it will be generated again")
-        with open(output, "r+b") as f:
-            f.truncate(len(keep))
-    keys = set()
-    for line in keep.decode("utf-8").splitlines():
-        if line.strip():
-            keys.add(str(json.loads(line)["id"]))
-    return keys
-
-
 def generate_file(
     engine: Engine,
     input_path: str,
@@ -104,8 +86,6 @@ def generate_file(
 
     Rows already in OUTPUT_PATH are kept only when `OUTPUT_PATH.run.json` says the same model (its files, not just
     its name) and sampling settings made them; otherwise the run refuses, unless OVERWRITE starts it over."""
-    from dataclasses import asdict
-
     from tqdm.auto import tqdm
 
     rows = read_prompts(input_path)
@@ -120,22 +100,24 @@ def generate_file(
         record, made_by, output=str(output), has_output=output.is_file() and output.stat().st_size > 0,
         overwrite_flag="--overwrite",
     )  # fmt: skip
-    done_before = finished_keys(output)
+    done_before = {str(r["id"]) for r in read_records(output, key="id", written_by="zephyr generate")}
     todo = [r for r in rows if r[0] not in done_before]
-    prompts = []
-    for _, number, _, messages in todo:  # every prompt must fit before any is answered
-        try:
-            prompts.append(engine.encode_chat(messages))
-        except RequestError as err:
-            raise DataError(str(err), file=input_path, row=number, field="messages") from None
+
+    def refuse(i: int, turn: int, err: RequestError) -> None:
+        raise DataError(str(err), file=input_path, row=todo[i][1], field="messages") from None
+
+    # Every prompt is encoded here, so one that does not fit stops the run before any is answered.
+    batches = engine.generate_batches(
+        [messages for *_, messages in todo], params, batch_size=batch_size, on_bad_prompt=refuse
+    )
     bar = tqdm(
         total=len(rows), initial=len(rows) - len(todo), desc="generating", unit="row", disable=not progress
     )
-    with open(output, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            requests = [Request(ids, params) for ids in prompts[start : start + batch_size]]
-            for (key, _, row, _), done in zip(batch, engine.run(requests), strict=True):
+    with appending(output) as append:
+        for batch in batches:
+            records = []
+            for i, (done,) in zip(batch.indices, batch.answers, strict=True):
+                key, _, row, _ = todo[i]
                 record = {
                     "id": key if "id" not in row else row["id"],
                     **row,
@@ -145,9 +127,8 @@ def generate_file(
                     "completion_tokens": done.completion_tokens,
                     "model": engine.name,
                 }
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # a finished batch survives a crash of the next one
-            bar.update(len(batch))
+                records.append(record)
+            append(records)
+            bar.update(len(records))
     bar.close()
     return {"generated": len(todo), "skipped": len(rows) - len(todo), "total": len(rows)}

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zephyr.data.demo_tasks import check, is_checkable
+from zephyr.engine import Engine
 from zephyr.errors import ZephyrError
 
 
 def checkable_prompts(data_dir: str | Path, limit: int) -> list[str]:
     """The first LIMIT checkable prompts of the demo data's held-out preference split."""
-    from zephyr.data.demo import is_checkable
-
     file = Path(data_dir) / "ultrafeedback" / "test_prefs.jsonl"
     if not file.is_file():
         raise ZephyrError(
@@ -35,25 +35,19 @@ def checkable_prompts(data_dir: str | Path, limit: int) -> list[str]:
     return prompts
 
 
-def pass_rate(engine, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 16) -> float:
-    """Share of PROMPTS whose greedy answer from ENGINE (a `zephyr.engine.Engine`) passes the checker."""
-    from zephyr.data.demo import check
-    from zephyr.engine import Request
-
+def pass_rate(engine: Engine, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 16) -> float:
+    """Share of PROMPTS whose greedy answer from ENGINE passes the checker."""
     params = engine.sampling(temperature=0.0, max_new_tokens=max_new_tokens, stop=())
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
     passed = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        requests = [Request(engine.encode_chat([{"role": "user", "content": p}]), params) for p in chunk]
-        for prompt, done in zip(chunk, engine.run(requests), strict=True):
-            passed += check(prompt, done.text)
+    for batch in engine.generate_batches(conversations, params, batch_size=batch_size):
+        for i, (done,) in zip(batch.indices, batch.answers, strict=True):
+            passed += check(prompts[i], done.text)
     return passed / max(len(prompts), 1)
 
 
 def eval_demo(model: str | None, *, data_dir: str = "data/demo", limit: int = 48) -> dict:
     """Pass rate of MODEL (None: the embedded model) on the demo's held-out checkable prompts."""
-    from zephyr.engine import Engine
-
     prompts = checkable_prompts(data_dir, limit)
     if not prompts:
         raise ZephyrError(

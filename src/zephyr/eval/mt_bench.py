@@ -16,20 +16,21 @@ The output folder holds:
     scores.json       {overall, turn_1, turn_2, categories, failed_judgments, model, judge_model, questions}
     categories.png    the mean score per category
 
-Both JSONL files are appended a line at a time, so a rerun into the same folder resumes: it answers only the
-questions without an answer and judges only the turns without a rating (failed ones are judged again, as FastChat's
-cache does). A crash loses at most the batch being decoded and the judge calls in flight.
+Both JSONL files are appended, and synced to disk, as each batch of answers and each judgment is done, so a rerun
+into the same folder resumes: it answers only the questions without an answer and judges only the turns without a
+rating (failed ones are judged again, as FastChat's cache does). A crash loses at most the batch being decoded and the
+judge calls in flight.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from zephyr.engine import Engine, Request, RequestError
+from zephyr.engine import Engine, RequestError, SamplingParams
 from zephyr.errors import ConfigError, DataError, ZephyrError
 from zephyr.eval.judge import (
     FAILED_SCORE,
@@ -45,6 +46,7 @@ from zephyr.eval.mt_bench_data import (
     load_questions,
     load_reference_answers,
 )
+from zephyr.jsonl_log import appending, read_records
 from zephyr.provenance import check_or_start
 
 # FastChat's temperature_config; other categories get DEFAULT_TEMPERATURE, as there.
@@ -217,54 +219,43 @@ def generate_answers(
     from tqdm.auto import tqdm
 
     with (
-        open(path, "a", encoding="utf-8") as out,
+        appending(path) as append,
         tqdm(total=len(todo), desc="answering", disable=not progress) as bar,
     ):
         for temperature, group in by_temperature.items():
             params = engine.sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-            for start in range(0, len(group), batch_size):
-                for record in _answer_batch(engine, group[start : start + batch_size], params, log):
-                    record["model"] = engine.name
-                    _append(out, record)
-                    answers[record["question_id"]] = record
-                    bar.update(1)
+            for records in _answered_batches(engine, group, params, batch_size, log):
+                append(records)
+                answers |= {record["question_id"]: record for record in records}
+                bar.update(len(records))
     return answers
 
 
-def _answer_batch(engine: Engine, batch: list[dict], params, log: Callable[[str], None]) -> list[dict]:
-    """The answer records of BATCH, decoded turn by turn: all first turns together, then all second turns."""
-    conversations: list[list[dict]] = [[] for _ in batch]
-    records = [
-        {"question_id": q["question_id"], "category": q["category"], "turns": [], "finish_reasons": [],
-         "temperature": params.temperature}
-        for q in batch
-    ]  # fmt: skip
-    for turn in range(max(len(q["turns"]) for q in batch)):
-        requests, rows = [], []
-        for i, q in enumerate(batch):
-            if turn >= len(q["turns"]):
-                continue
-            conversations[i].append({"role": "user", "content": q["turns"][turn]})
-            try:
-                requests.append(Request(engine.encode_chat(conversations[i]), params))
-                rows.append(i)
-            except RequestError as err:
-                if err.code != "context_length_exceeded":
-                    raise
-                # FastChat answers "ERROR" where generation fails; an empty answer is graded just as low.
-                log(
-                    f"warning: question {q['question_id']!r} turn {turn + 1}: {err}; its answer is left empty"
-                )
-                _add_answer(records[i], conversations[i], "", "context_length_exceeded")
-        for i, completion in zip(rows, engine.run(requests), strict=True):
-            _add_answer(records[i], conversations[i], completion.text.strip(), completion.finish_reason)
-    return records
+def _answered_batches(
+    engine: Engine, questions: list[dict], params: SamplingParams, batch_size: int, log: Callable[[str], None]
+) -> Iterator[list[dict]]:
+    """The answer records of QUESTIONS, a batch at a time, each decoded turn by turn: all first turns together, then
+    all second turns, each after the model's own first answer."""
 
+    def left_empty(i: int, turn: int, err: RequestError) -> None:
+        if err.code != "context_length_exceeded":
+            raise err
+        # FastChat answers "ERROR" where generation fails; an empty answer is graded just as low.
+        log(
+            f"warning: question {questions[i]['question_id']!r} turn {turn + 1}: {err}; its answer is left empty"
+        )
 
-def _add_answer(record: dict, conversation: list[dict], text: str, finish_reason: str) -> None:
-    record["turns"].append(text)
-    record["finish_reasons"].append(finish_reason)
-    conversation.append({"role": "assistant", "content": text})
+    batches = engine.generate_batches(
+        [[{"role": "user", "content": q["turns"][0]}] for q in questions], params, batch_size=batch_size,
+        follow_ups=[q["turns"][1:] for q in questions], on_bad_prompt=left_empty,
+    )  # fmt: skip
+    for batch in batches:
+        yield [
+            {"question_id": questions[i]["question_id"], "category": questions[i]["category"],
+             "turns": [done.text.strip() for done in turns], "finish_reasons": [done.finish_reason for done in turns],
+             "temperature": params.temperature, "model": engine.name}
+            for i, turns in zip(batch.indices, batch.answers, strict=True)
+        ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +305,7 @@ def judge_answers(
 
     failure = None
     with (
-        open(path, "a", encoding="utf-8") as out,
+        appending(path) as append,
         tqdm(total=len(todo), desc="judging", disable=not progress) as bar,
         ThreadPoolExecutor(max_workers=parallel) as pool,
     ):
@@ -332,7 +323,7 @@ def judge_answers(
                         for f in futures:
                             f.cancel()
                     continue
-                _append(out, record)
+                append([record])  # a line at a time, so a crash loses only the calls in flight
                 judgments[(record["question_id"], record["turn"])] = record
                 bar.update(1)
         finally:  # on Ctrl-C too: the pool's exit would otherwise wait for every queued call
@@ -404,49 +395,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _read_records(path: Path, log: Callable[[str], None]) -> list[dict]:
-    """The records of a JSONL file this module appends to; [] when it does not exist.
-
-    A last line cut off by a crash is dropped with a warning, and cut from the file so appends start on a fresh
-    line. A broken line anywhere else is a DataError: that file was edited, and guessing could lose work.
-    """
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            rows.append((number, _parse_record(line, path, number)))
-    if tail.strip():
-        try:
-            rows.append((len(lines) + 1, json.loads(tail)))
-            with open(path, "ab") as f:
-                f.write(b"\n")
-        except ValueError:
-            log(
-                f"warning: {path}, row {len(lines) + 1}: ignoring a half-written last line (an interrupted run)"
-            )
-            with open(path, "r+b") as f:
-                f.truncate(len(raw) - len(tail))
-    for number, record in rows:
-        if not isinstance(record, dict) or "question_id" not in record:
-            raise DataError("not a record written by zephyr eval mt-bench", file=str(path), row=number)
-    records = [record for _, record in rows]
-    return records
-
-
-def _parse_record(line: bytes, path: Path, number: int):
-    try:
-        return json.loads(line)
-    except ValueError as err:
-        raise DataError(f"not valid JSON ({err}); fix or delete the line, then run again", file=str(path),
-                        row=number) from err  # fmt: skip
-
-
-def _append(out, record: dict) -> None:
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()  # a line at a time, so a crash loses only what was in flight
+    """The records of answers.jsonl or judgments.jsonl ([] when missing), a half-written last line dropped."""
+    return read_records(path, key="question_id", written_by="zephyr eval mt-bench", log=log)
 
 
 def _write_json(path: Path, obj: dict) -> None:
