@@ -65,14 +65,14 @@ from dpo_throughput import (
 )
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig
 
-from zephyr.config import load_config
+from zephyr.recipe import load_config
 from zephyr.train import pair_attention
 from zephyr.train.collate import PreferenceCollator
-from zephyr.train.dpo import DPOObjective, model_inputs, preference_collator, run_dpo
+from zephyr.train.dpo import DPORecipe, model_inputs, preference_collator, run_dpo
 from zephyr.train.fused_head import attach_completion_head
 from zephyr.train.logprobs import completion_logps
 from zephyr.train.optimizers import build_optimizer
-from zephyr.train.runtime import make_accelerator
+from zephyr.train.setup import make_accelerator
 from zephyr.train.shared_prefix import SharedPrefixCollator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -497,7 +497,7 @@ def measure_dpo_step(cfg, config, dtype: torch.dtype) -> tuple[dict, int]:
         gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
     )
     model.train()
-    objective = DPOObjective(cfg, accelerator)
+    objective = DPORecipe.for_evaluation(cfg, accelerator, ref_model=None).train_step
     rng, prompt = random.Random(0), cfg.max_prompt_length or cfg.max_length // 2
 
     def ids(n: int) -> list[int]:
@@ -515,7 +515,7 @@ def measure_dpo_step(cfg, config, dtype: torch.dtype) -> tuple[dict, int]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             at["start"] = torch.cuda.memory_allocated()
-        loss, _ = objective(model, batch)
+        loss = objective(model, batch).loss
         at["forward"] = torch.cuda.memory_allocated() if cuda else 0
         accelerator.backward(loss)
         at["backward"] = torch.cuda.memory_allocated() if cuda else 0

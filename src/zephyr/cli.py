@@ -26,8 +26,7 @@ from collections.abc import Callable, Sequence
 
 from zephyr import __version__
 from zephyr.errors import ZephyrError
-
-EMBEDDED_MODEL = "smollm2-135m-instruct"
+from zephyr.fetch import EMBEDDED_MODEL
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -42,7 +41,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def cmd_model_fetch(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from zephyr.models import fetch_embedded_model
+    from zephyr.fetch import fetch_embedded_model
 
     path = fetch_embedded_model(args.name, force=args.force)
     print(path)
@@ -99,8 +98,8 @@ def cmd_data_inspect(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from zephyr.config import load_config
     from zephyr.data.prepare import prepare
+    from zephyr.recipe import load_config
 
     cfg = load_config(args.stage, args.config, extra)
     result = prepare(cfg, stage=args.stage)
@@ -109,14 +108,11 @@ def cmd_data_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
+    from zephyr.stages import run_stage
 
     cfg = load_config(args.command, args.config, extra)
-    if args.command == "sft":
-        from zephyr.train.sft import run_sft as run
-    else:
-        from zephyr.train.dpo import run_dpo as run
-    result = run(cfg)
+    result = run_stage(cfg)
     if result.stopped_early:
         print(f"stopped at step {result.state.global_step}; resume with --resume_from_checkpoint true")
         return 143
@@ -125,7 +121,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from zephyr.config import describe_keys
+    from zephyr.recipe import describe_keys
 
     for key, type_name, default in describe_keys(args.stage):
         print(f"{key:36s} {type_name:28s} {default!r}")

@@ -16,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from zephyr.engine import Engine
+from zephyr.errors import ZephyrError
+from zephyr.eval.demo import checkable_prompts, pass_rate
+from zephyr.fetch import EMBEDDED_MODEL
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo"
 
 
@@ -23,8 +28,6 @@ def _recipe(name: str) -> Path:
     """The demo recipe, from the source tree (editable install) or next to the package."""
     path = RECIPES / name
     if not path.is_file():
-        from zephyr.errors import ZephyrError
-
         raise ZephyrError(
             f"the demo recipe {path} is missing; run `zephyr demo` from a checkout of the repository"
         )
@@ -35,17 +38,12 @@ def _run(args: list[str]) -> None:
     print(f"\n$ zephyr {shlex.join(args)}", flush=True)
     code = subprocess.call([sys.executable, "-m", "zephyr", *args])
     if code != 0:
-        from zephyr.errors import ZephyrError
-
         raise ZephyrError(
             f"`zephyr {shlex.join(args)}` failed with exit status {code}; see its message above"
         )
 
 
 def run_demo(*, output_dir: str = "outputs/demo", data_dir: str = "data/demo", quick: bool = False) -> int:
-    from zephyr.engine import Engine
-    from zephyr.eval.demo import checkable_prompts, pass_rate
-    from zephyr.models import EMBEDDED_MODEL
 
     start = time.perf_counter()
     out, data = Path(output_dir), Path(data_dir)

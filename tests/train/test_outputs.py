@@ -30,8 +30,8 @@ def _pair(i: int) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     """A 2-step DPO run with the Zephyr chat template and an eval after each step; its output folder and config."""
-    from zephyr.config import load_config
-    from zephyr.train.dpo import run_dpo
+    from zephyr.recipe import load_config
+    from zephyr.stages import run_stage
 
     tmp = tmp_path_factory.mktemp("outputs")
     _jsonl(tmp / "prefs" / "train.jsonl", [_pair(i) for i in range(8)])
@@ -45,7 +45,7 @@ def run(tmp_path_factory, tiny_model_dir):
     ])  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZEPHYR_CACHE", str(tmp / "cache"))
-        result = run_dpo(cfg, progress=False)
+        result = run_stage(cfg, progress=False)
     return out, cfg, result.state.log_history
 
 
@@ -215,8 +215,8 @@ class FakeHub:
 
 
 def _dpo_run(tiny_model_dir, tmp_path, *extra, max_steps=1, save_strategy="no"):
-    from zephyr.config import load_config
-    from zephyr.train.dpo import run_dpo
+    from zephyr.recipe import load_config
+    from zephyr.stages import run_stage
 
     data = tmp_path / "prefs"
     if not data.is_dir():
@@ -224,7 +224,7 @@ def _dpo_run(tiny_model_dir, tmp_path, *extra, max_steps=1, save_strategy="no"):
     args = [f"--model_name_or_path={tiny_model_dir}", f"--dataset_name={data}", f"--output_dir={tmp_path / 'out'}",
             f"--max_steps={max_steps}", "--per_device_train_batch_size=2", "--bf16=false",
             "--gradient_checkpointing=false", "--max_length=64", f"--save_strategy={save_strategy}", *extra]  # fmt: skip
-    return run_dpo(load_config("dpo", None, args), progress=False)
+    return run_stage(load_config("dpo", None, args), progress=False)
 
 
 @pytest.fixture
@@ -292,8 +292,8 @@ def test_a_failed_push_keeps_the_model_and_says_how_to_push_it_later(tiny_model_
 
 
 def test_keys_without_effect_are_named_when_set(tmp_path):
-    from zephyr.config import load_config
-    from zephyr.train.runtime import unused_key_notes
+    from zephyr.recipe import load_config
+    from zephyr.train.setup import unused_key_notes
 
     cfg = load_config("dpo", None, [f"--output_dir={tmp_path}", "--do_eval=true", "--use_liger_kernel=true"])
     (line,) = unused_key_notes(cfg)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from launch import accelerate_launch
-from zephyr.train.runtime import cpu_has_fast_bf16
+from zephyr.train.setup import cpu_has_fast_bf16
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")

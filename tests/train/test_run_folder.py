@@ -45,7 +45,7 @@ def prefs(tmp_path):
 
 def _config(stage, model, data, out, *extra, save="no"):
     """A tiny run's config; EXTRA (`--key=value`) replaces a default of the same key."""
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
 
     keys = {"model_name_or_path": model, "dataset_name": data, "output_dir": out, "max_steps": 2,
             "per_device_train_batch_size": 2, "learning_rate": 1e-3, "bf16": False, "gradient_checkpointing": False,

@@ -1,4 +1,5 @@
-"""Run set-up choices: trackers from `report_to`, and where bf16 is used by default."""
+"""Run set-up choices (zephyr.train.setup): trackers from `report_to`, where bf16 is used by default, keys the
+machine cannot honour, the optimizer table, and launch configs that cannot be honoured."""
 
 from __future__ import annotations
 
@@ -7,19 +8,19 @@ import types
 import pytest
 
 from zephyr.errors import ConfigError
-from zephyr.train import runtime
+from zephyr.train import setup as train_setup
 
 
 def test_report_to_keeps_installed_trackers_and_explains_missing_ones(monkeypatch, capsys):
     monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: ["wandb"])
-    assert runtime.report_trackers(["wandb", "tensorboard"]) == ["wandb"]
+    assert train_setup.report_trackers(["wandb", "tensorboard"]) == ["wandb"]
     assert "tensorboard not installed" in capsys.readouterr().out
-    assert runtime.report_trackers(["none"]) == [] and runtime.report_trackers(None) == []
+    assert train_setup.report_trackers(["none"]) == [] and train_setup.report_trackers(None) == []
 
 
 def test_report_to_refuses_a_tracker_accelerate_cannot_drive():
     with pytest.raises(ConfigError, match="report_to: azure_ml is not a tracker accelerate can drive"):
-        runtime.report_trackers(["azure_ml"])
+        train_setup.report_trackers(["azure_ml"])
 
 
 @pytest.mark.parametrize(
@@ -34,8 +35,8 @@ def test_bf16_by_default_only_where_the_cpu_runs_it_fast(monkeypatch, tmp_path, 
         lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k),
     )
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert runtime.use_bf16(types.SimpleNamespace(bf16=None)) is expected
-    assert runtime.use_bf16(types.SimpleNamespace(bf16=False)) is False  # the recipe wins
+    assert train_setup.use_bf16(types.SimpleNamespace(bf16=None)) is expected
+    assert train_setup.use_bf16(types.SimpleNamespace(bf16=False)) is False  # the recipe wins
 
 
 def _optim_cfg(optim: str):
@@ -51,9 +52,9 @@ def _recipe(**keys):
 
 def test_keys_this_machine_cannot_honour_resolve_with_a_note_each(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(train_setup, "cpu_has_fast_bf16", lambda: False)
     cfg = _recipe(bf16=True, dtype="bfloat16", attn_implementation="flash_attention_2")
-    notes = runtime.resolve_for_machine(cfg)
+    notes = train_setup.resolve_for_machine(cfg)
     assert (cfg.bf16, cfg.dtype, cfg.attn_implementation) == (False, "float32", "sdpa")
     assert len(notes) == 3 and all(n.startswith("note: ") for n in notes)
     assert "bf16: true" in notes[0] and "dtype: bfloat16" in notes[1] and "flash_attention_2" in notes[2]
@@ -61,9 +62,9 @@ def test_keys_this_machine_cannot_honour_resolve_with_a_note_each(monkeypatch):
 
 def test_a_cpu_with_bf16_arithmetic_keeps_the_recipes_bf16(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(train_setup, "cpu_has_fast_bf16", lambda: True)
     cfg = _recipe(bf16=True, dtype="bfloat16", attn_implementation="sdpa")
-    assert runtime.resolve_for_machine(cfg) == []
+    assert train_setup.resolve_for_machine(cfg) == []
     assert (cfg.bf16, cfg.dtype, cfg.attn_implementation) == (True, "bfloat16", "sdpa")
 
 
@@ -107,13 +108,12 @@ def test_other_optimizers_are_the_ones_named_with_decay_on_the_decaying_groups_o
 
 
 def test_an_optimizer_zephyr_does_not_build_is_refused_before_anything_loads(tmp_path):
-    from zephyr.config import load_config
+    from zephyr.recipe import load_config
 
-    cfg = load_config("sft", None, ["--optim=lion_32bit", f"--output_dir={tmp_path}"])
     with pytest.raises(
         ConfigError, match="optim: lion_32bit .* use one of adamw_torch, adamw_torch_fused, sgd"
     ):
-        runtime.make_accelerator(cfg)
+        load_config("sft", None, ["--optim=lion_32bit", f"--output_dir={tmp_path}"])
 
 
 def test_an_fsdp1_config_on_cpus_says_it_runs_replicated(monkeypatch):

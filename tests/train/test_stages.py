@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import zephyr.models
-from zephyr.config import load_config
+import zephyr.train.dpo
+import zephyr.train.setup
 from zephyr.errors import ConfigError, ZephyrError
+from zephyr.recipe import load_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -374,17 +376,17 @@ def test_other_loss_types_train(tmp_path, tiny_model_dir, prefs, extra, first_lo
 
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_names_the_step(tmp_path, tiny_model_dir, prefs, monkeypatch):
-    from zephyr.train.dpo import DPOObjective
+    from zephyr.train.dpo import DPORecipe
 
-    original = DPOObjective.__call__
+    original = DPORecipe.train_step
     calls = []
 
     def poisoned(self, model, batch):
-        loss, metrics = original(self, model, batch)
+        out = original(self, model, batch)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+        return out._replace(loss=out.loss * float("nan")) if len(calls) == 2 else out
 
-    monkeypatch.setattr(DPOObjective, "__call__", poisoned)
+    monkeypatch.setattr(DPORecipe, "train_step", poisoned)
     with pytest.raises(ZephyrError, match=r"the loss became nan at step 2; no checkpoint was written yet"):
         _dpo(tiny_model_dir, prefs, tmp_path / "nan", "--max_steps=3", "--per_device_train_batch_size=2")
     assert len(calls) == 2
@@ -419,7 +421,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_
     [
         (["--max_prompt_length=64"], "max_prompt_length = 64 .* must be less than max_length = 64"),
         (["--loss_type=sigmod"], "sigmoid"),
-        # accepted by the config's ranges, refused by the loss itself (it divides by 1 - 2 label_smoothing)
+        # refused by the loss's own range (it divides by 1 - 2 label_smoothing)
         (["--loss_type=robust", "--label_smoothing=0.5"], "label_smoothing"),
         # TRL keys the stage does not implement: refused rather than silently ignored
         (["--sync_ref_model=true"], "sync_ref_model is not supported"),
@@ -435,7 +437,8 @@ def test_a_bad_recipe_fails_before_any_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded for a recipe that should have been refused")
 
-    monkeypatch.setattr(zephyr.models, "load_model", no_model)
+    for module in (zephyr.models, zephyr.train.setup, zephyr.train.dpo):  # every name the stage loads through
+        monkeypatch.setattr(module, "load_model", no_model)
     with pytest.raises(ConfigError, match=message):
         run_dpo(_config("dpo", tiny_model_dir, prefs, tmp_path / "bad", *extra), progress=False)
     assert not (tmp_path / "bad").exists()

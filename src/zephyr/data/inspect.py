@@ -10,8 +10,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from zephyr.data.prepare import chat_tokenizer, reason_lines
 from zephyr.data.rejects import Rejects
+from zephyr.data.schemas import SCHEMAS, detect_schema, load_split
+from zephyr.data.sources import iter_records, list_splits
+from zephyr.data.templates import with_empty_system_messages
+from zephyr.data.tokenize import IGNORE_INDEX, masked_segments, tokenize_preferences, tokenize_sft
 from zephyr.errors import ConfigError, DataError, ZephyrError
+from zephyr.fetch import EMBEDDED_MODEL
 
 PERCENTILES = (50, 90, 99, 100)
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -35,7 +41,9 @@ def percentile(values: list[int], q: float) -> int:
 
 def _recipe(recipe: str, kind: str):
     """RECIPE loaded as the stage that trains on KIND rows; a recipe of the other stage is named as such."""
-    from zephyr.config import load_config
+    from zephyr.recipe import (
+        load_config,  # the recipe loader sits above data/: imported only when a recipe is given
+    )
 
     stage, other = ("sft", "dpo") if kind == "sft" else ("dpo", "sft")
     try:
@@ -98,12 +106,6 @@ def inspect(
     sample: int = 2000,
     seed: int = 0,
 ) -> str:
-    from zephyr.data.prepare import chat_tokenizer, reason_lines
-    from zephyr.data.schemas import SCHEMAS, load_split
-    from zephyr.data.sources import iter_records, list_splits
-    from zephyr.data.templates import with_empty_system_messages
-    from zephyr.data.tokenize import masked_segments, tokenize_preferences, tokenize_sft
-    from zephyr.models import EMBEDDED_MODEL
 
     if max_length is not None and max_length < 1:
         raise ConfigError(f"--max-length must be a positive number of tokens, not {max_length}")
@@ -124,8 +126,6 @@ def inspect(
             raise DataError(f"{err.reason}; the first: {example}", file=err.file) from None
         detected = schema
         if detected in (None, "auto"):
-            from zephyr.data.schemas import detect_schema
-
             first = next((r.data for r in iter_records(source, split=name) if r.data is not None), {})
             detected = detect_schema(first.keys())
         kind = SCHEMAS[detected].kind
@@ -161,7 +161,7 @@ def inspect(
             continue
         if kind == "sft":
             total = [len(ids) for ids in tok["input_ids"]]
-            trained = [sum(1 for t in labels if t != -100) for labels in tok["labels"]]
+            trained = [sum(1 for t in labels if t != IGNORE_INDEX) for labels in tok["labels"]]
             out += _length_table({"conversation": total, "trained": trained})
             lengths = total
         else:
@@ -194,7 +194,7 @@ def inspect(
             else:
                 for side in ("chosen", "rejected"):
                     ids = row["prompt_input_ids"] + row[f"{side}_input_ids"]
-                    labels = [-100] * len(row["prompt_input_ids"]) + row[f"{side}_input_ids"]
+                    labels = [IGNORE_INDEX] * len(row["prompt_input_ids"]) + row[f"{side}_input_ids"]
                     out.append(f"--- {side}:")
                     out.append(_marked(masked_segments(tokenizer, ids, labels)))
     return "\n".join(out)

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import datasets
 
+from zephyr.data.mixing import load_mixture
 from zephyr.data.rejects import Rejects
+from zephyr.data.templates import apply_chat_template_setting, with_empty_system_messages
+from zephyr.data.tokenize import tokenize_preferences, tokenize_sft
 from zephyr.errors import DataError
+from zephyr.models import load_tokenizer
 
 KIND = {"sft": "sft", "dpo": "preference"}
 
@@ -56,7 +60,6 @@ def reason_lines(rejects: Rejects, top: int = 5) -> list[str]:
 
 def load_recipe_data(cfg, *, stage: str, rejects: Rejects) -> datasets.DatasetDict:
     """The recipe's sources, mixed and validated, in the internal form (messages, or prompt/chosen/rejected)."""
-    from zephyr.data.mixing import load_mixture
 
     return load_mixture(
         kind=KIND[stage],
@@ -83,8 +86,6 @@ def chat_tokenizer(
     trust_remote_code: bool = False,
 ):
     """The tokenizer of NAME_OR_PATH with the chat template setting applied and a pad token (eos when it has none)."""
-    from zephyr.data.templates import apply_chat_template_setting
-    from zephyr.models import load_tokenizer
 
     tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -102,8 +103,6 @@ def load_recipe_tokenizer(cfg):
 
 
 def tokenize_split(ds: datasets.Dataset, cfg, *, stage: str, tokenizer, rejects: Rejects) -> datasets.Dataset:
-    from zephyr.data.templates import with_empty_system_messages
-    from zephyr.data.tokenize import tokenize_preferences, tokenize_sft
 
     if cfg.auto_insert_empty_system_msg:
         ds = with_empty_system_messages(ds, tokenizer.chat_template)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zephyr.data import ultrafeedback
 from zephyr.data.rejects import Rejects
 from zephyr.data.sources import Record, iter_records
 from zephyr.errors import ConfigError, DataError
@@ -279,11 +280,10 @@ class RecipeSkip(DataError):
 def _adapt_ultrafeedback(row: dict, rng: random.Random) -> dict:
     """openbmb/UltraFeedback: binarized as the Zephyr recipe did (best-rated completion vs a random other one),
     drawing from the shared rng row after row, so the pairs match `zephyr data binarize` with the same seed."""
-    from zephyr.data.ultrafeedback import TooFewCompletions, binarize_row
 
     try:
-        binarized = binarize_row(row, rng)
-    except TooFewCompletions as e:
+        binarized = ultrafeedback.binarize_row(row, rng)
+    except ultrafeedback.TooFewCompletions as e:
         raise RecipeSkip(e.reason, field=e.field) from None
     return _adapt_ultrafeedback_binarized(binarized, rng)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from zephyr.errors import DataError
+from zephyr.models import hub_reachable
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -282,8 +283,6 @@ def _offline_unless_reachable(source: str):
     go offline at once: a dataset already in the local `datasets` cache still loads, anything else fails fast."""
     import datasets
     from huggingface_hub import constants
-
-    from zephyr.models import hub_reachable
 
     if Path(source).exists() or hub_reachable():
         yield

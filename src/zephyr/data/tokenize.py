@@ -45,6 +45,7 @@ import datasets
 from zephyr.data.rejects import Rejects
 from zephyr.data.templates import has_generation_markers, render, resolve_chat_template
 from zephyr.errors import ConfigError, DataError, ZephyrError
+from zephyr.fetch import zephyr_cache_dir
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross-entropy default)
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -335,7 +336,7 @@ _CACHE_INFO = "cache_info.json"  # {"rows": N}, written last: what a complete ca
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ZEPHYR_CACHE", "~/.cache/zephyr")).expanduser() / "tokenized"
+    return zephyr_cache_dir() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

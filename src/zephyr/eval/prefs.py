@@ -15,8 +15,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from zephyr.data.prepare import load_recipe_tokenizer, prepare
 from zephyr.errors import ZephyrError
+from zephyr.models import load_model
+from zephyr.recipe import load_config
 from zephyr.run_record import RECORD_FILE, RunRecord
+from zephyr.train.collate import PreferenceCollator
+from zephyr.train.dpo import DPORecipe
+from zephyr.train.fused_head import attach_completion_head
+from zephyr.train.setup import make_accelerator
 
 METRIC_KEYS = (
     "loss",
@@ -79,18 +86,8 @@ def eval_prefs(
     progress: bool = True,
 ) -> dict[str, float]:
     """DPO eval metrics of MODEL against REF_MODEL on DATA's SPLIT; written to OUTPUT as JSON when given."""
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    from zephyr.config import load_config
-    from zephyr.data.prepare import prepare
-    from zephyr.models import load_model
-    from zephyr.train.collate import PreferenceCollator
-    from zephyr.train.dpo import DPOObjective
-    from zephyr.train.fused_head import attach_completion_head
-    from zephyr.train.loop import evaluate
-    from zephyr.train.runtime import make_accelerator
 
     reference = ref_model or recorded_reference(model)
     given = {"beta": beta, "max_length": max_length, "max_prompt_length": max_prompt_length}
@@ -113,9 +110,9 @@ def eval_prefs(
             overrides["schema"] = schema
         cfg = load_config("dpo", None, [f"--{k}={_cli_value(v)}" for k, v in overrides.items()])
         accelerator = make_accelerator(cfg)
-        objective_check = DPOObjective(cfg, accelerator)  # refuse a bad loss before loading models
-        del objective_check
-        from zephyr.data.prepare import load_recipe_tokenizer
+        recipe = DPORecipe.for_evaluation(
+            cfg, accelerator, ref_model=None
+        )  # a bad loss: refused before loading
 
         tokenizer = load_recipe_tokenizer(cfg)
         pairs = prepare(cfg, stage="dpo", tokenizer=tokenizer).train
@@ -138,8 +135,8 @@ def eval_prefs(
         )
         if progress and accelerator.is_main_process:
             loader = tqdm(loader, desc=f"scoring {len(pairs)} pairs", unit="batch")
-        with torch.no_grad():
-            metrics = evaluate(accelerator, policy, DPOObjective(cfg, accelerator, ref_model=ref), loader)
+        recipe.ref_model = ref
+        metrics = recipe.evaluate(policy, loader)
     result = {key: metrics[f"eval_{key}"] for key in METRIC_KEYS}
     result["pairs"] = len(pairs)
     if output:

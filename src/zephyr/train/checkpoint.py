@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zephyr.config import config_to_dict
 from zephyr.errors import ZephyrError
+from zephyr.models import model_identity
+from zephyr.train.run_folder import check_resume, fingerprint, recorded_fingerprint
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -78,7 +81,7 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _is_write_error(err: Exception) -> bool:
+def is_write_error(err: Exception) -> bool:
     """Whether ERR is a failed write: an OSError from Python, or the errors torch.save and safetensors turn one into
     (on a full disk torch's zip writer says "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534",
     safetensors "I/O error: No space left on device (os error 28)"). Anything else keeps its traceback."""
@@ -93,7 +96,7 @@ def _is_write_error(err: Exception) -> bool:
     )
 
 
-def _reason(err: Exception, folder: Path) -> str:
+def write_error_reason(err: Exception, folder: Path) -> str:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
     try:
         free = shutil.disk_usage(folder).free
@@ -125,12 +128,12 @@ def save_checkpoint(accelerator, state: TrainerState, output_dir: Path, save_tot
     except Exception as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_write_error(err):
+        if not is_write_error(err):
             raise
         previous = latest_checkpoint(output_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise ZephyrError(
-            f"could not write checkpoint {final}: {_reason(err, output_dir)}; {kept}. Free space (or fix the "
+            f"could not write checkpoint {final}: {write_error_reason(err, output_dir)}; {kept}. Free space (or fix the "
             "folder's permissions) and run again with --resume_from_checkpoint true"
         ) from err
     accelerator.wait_for_everyone()
@@ -189,3 +192,54 @@ def resume_candidates(output_dir: Path, resume_from_checkpoint: str | bool | Non
             f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE} in it)"
         )
     return [path]
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def run_fingerprint(cfg, accelerator, data_identity: str | None) -> dict:
+    """This run's fingerprint (`zephyr.train.run_folder.fingerprint`), kept in every checkpoint and the run record."""
+    return fingerprint(
+        config_to_dict(cfg),
+        model=model_identity(cfg.model_name_or_path, cfg.model_revision),
+        data=data_identity,
+        num_processes=accelerator.num_processes,
+    )
+
+
+def resume(accelerator, cfg, run: dict, max_steps: int) -> TrainerState:
+    """The state to start from: the newest checkpoint that loads (falling back to older ones when one cannot be
+    read), or step 0 when resuming was not asked for, or asked for where no checkpoint exists yet. A checkpoint of
+    another run (another fingerprint) is refused; so is a resume where checkpoints exist and none loads. A load
+    that fails part-way is followed by a complete load of an older checkpoint, or by the error: training never
+    continues from a half-loaded state."""
+    output_dir = Path(cfg.output_dir)
+    candidates = resume_candidates(output_dir, cfg.resume_from_checkpoint)
+    fresh = TrainerState(max_steps=max_steps, fingerprint=run)
+    if not candidates:
+        if cfg.resume_from_checkpoint not in (None, False, "false", ""):
+            check_resume(f"the run in {output_dir}", recorded_fingerprint(output_dir), run)
+            accelerator.print(f"no checkpoint in {output_dir} yet: starting at step 0")
+        return fresh
+    failures = []
+    for path in candidates:
+        try:
+            saved = TrainerState.load(path)  # read before anything loads into the model
+        except (OSError, ValueError, TypeError) as err:
+            failures.append(f"{path.name}: {type(err).__name__}: {err}")
+            accelerator.print(f"checkpoint {path} is unreadable ({failures[-1]}); trying the previous one")
+            continue
+        check_resume(str(path), saved.fingerprint, run)
+        try:
+            accelerator.load_state(str(path))
+        except Exception as err:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
+            failures.append(f"{path.name}: {type(err).__name__}: {err}")
+            accelerator.print(f"checkpoint {path} is unreadable ({failures[-1]}); trying the previous one")
+            continue
+        saved.max_steps, saved.fingerprint = max_steps, run
+        accelerator.print(f"resumed from {path} at step {saved.global_step}")
+        return saved
+    raise ZephyrError(
+        f"resume_from_checkpoint: no checkpoint in {output_dir} could be loaded ({'; '.join(failures)}); nothing "
+        "was trained. Fix or remove the broken checkpoints, or start a new run with --overwrite_output_dir true"
+    )

@@ -13,7 +13,18 @@ from typing import Any
 
 import torch
 
-from zephyr.data.tokenize import preference_sequence
+from zephyr.data.tokenize import IGNORE_INDEX, preference_sequence
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[] tokens of a collated batch that are not padding (TRL's `num_tokens` counts the attention mask). Packed rows
+    (SFT packing, DPO prefix sharing) carry their count, as their padding is told apart only by its label and
+    restarting positions."""
+    if "token_count" in batch:
+        return batch["token_count"].sum()
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 def pad_right(rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
@@ -85,7 +96,7 @@ class SFTCollator:
         return {
             "input_ids": pad_right(ids, self.pad_token_id, self.pad_to_multiple_of),
             "attention_mask": pad_right([[1] * len(i) for i in ids], 0, self.pad_to_multiple_of),
-            "labels": pad_right([r["labels"] for r in rows], -100, self.pad_to_multiple_of),
+            "labels": pad_right([r["labels"] for r in rows], IGNORE_INDEX, self.pad_to_multiple_of),
         }
 
 
@@ -104,7 +115,7 @@ def pack_examples(rows: list[dict[str, Any]], max_length: int) -> list[dict[str,
             packs.append(current)
             current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += list(r["input_ids"])
-        current["labels"] += [-100] + list(r["labels"])[1:]
+        current["labels"] += [IGNORE_INDEX] + list(r["labels"])[1:]
         current["position_ids"] += list(range(n))
     if current["input_ids"]:
         packs.append(current)
@@ -125,7 +136,7 @@ class PackedSFTCollator:
         positions = [list(r["position_ids"]) + list(range(width - len(r["position_ids"]))) for r in rows]
         return {
             "input_ids": pad_right([r["input_ids"] for r in rows], self.pad_token_id),
-            "labels": pad_right([r["labels"] for r in rows], -100),
+            "labels": pad_right([r["labels"] for r in rows], IGNORE_INDEX),
             "position_ids": torch.tensor(positions, dtype=torch.long),
             "token_count": torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long),
         }

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zephyr.data.tokenize import IGNORE_INDEX
 from zephyr.errors import ZephyrError
-
-IGNORE_INDEX = -100
 
 # Columns of the per-token statistics the forward computes for logging (never differentiated).
 _MEAN_LOGIT, _ENTROPY, _IS_TOP1, _LOG_SUM_SQ_PROBS = range(4)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from zephyr.data.tokenize import preference_sequence
+from zephyr.data.tokenize import IGNORE_INDEX, preference_sequence
 from zephyr.train.collate import reference_columns
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "zephyr_pair_segments")  # the last: `pair_attention`
@@ -117,14 +117,14 @@ def _view(sequence: list[int], mask: list[int], row_positions: list[int]) -> tup
     """(row positions, labels) of one sequence from the token before its first completion token on."""
     first = mask.index(1) if 1 in mask else len(sequence) - 1
     start = max(first - 1, 0)
-    labels = [t if m else -100 for t, m in zip(sequence, mask, strict=True)]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(sequence, mask, strict=True)]
     return row_positions[start:], labels[start:]
 
 
 def _pad_views(views: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p, _ in views)
     gather = torch.zeros((len(views), width), dtype=torch.long)
-    labels = torch.full((len(views), width), -100, dtype=torch.long)
+    labels = torch.full((len(views), width), IGNORE_INDEX, dtype=torch.long)
     for i, (positions, lab) in enumerate(views):
         gather[i, : len(positions)] = torch.tensor(positions)
         labels[i, : len(lab)] = torch.tensor(lab)
