@@ -59,33 +59,29 @@ def tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
     return tok
 
 
-def tiny_model(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _tiny(model_class, config_class, tokenizer, *, seed: int, hidden_size: int, num_layers: int, **shape):
     tokenizer = tokenizer or tiny_tokenizer()
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **shape,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return model_class(config)
 
 
-def save_tiny(directory: str | Path, *, seed: int = 0) -> Path:
-    directory = Path(directory)
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer, seed=seed).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+def tiny_model(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny(LlamaForCausalLM, LlamaConfig, tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                 max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
 
 
 def tiny_mistral(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
@@ -93,27 +89,18 @@ def tiny_mistral(tokenizer=None, *, seed: int = 0, hidden_size: int = 32, num_la
     heads on 2 key/value heads, as 32 on 8) and an untied LM head."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    tokenizer = tokenizer or tiny_tokenizer()
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return MistralForCausalLM(config)
+    return _tiny(MistralForCausalLM, MistralConfig, tokenizer, seed=seed, hidden_size=hidden_size,
+                 num_layers=num_layers, max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
+
+
+def save_tiny(directory: str | Path, *, seed: int = 0, build=tiny_model) -> Path:
+    """BUILD's model (the tiny Llama by default) and the tokenizer, saved as a Hugging Face model folder."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    build(tokenizer, seed=seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def save_tiny_mistral(directory: str | Path, *, seed: int = 0) -> Path:
-    directory = Path(directory)
-    tokenizer = tiny_tokenizer()
-    tiny_mistral(tokenizer, seed=seed).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny(directory, seed=seed, build=tiny_mistral)
