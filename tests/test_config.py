@@ -276,12 +276,36 @@ def test_unknown_key_with_nothing_close_points_to_help():
 
 @pytest.mark.parametrize(
     ("stage", "key", "owner"),
-    [("sft", "beta", "a DPO key"), ("sft", "max_prompt_length", "a DPO key"), ("dpo", "packing", "an SFT key"),
-     ("dpo", "max_seq_length", "an SFT key"), ("dpo", "assistant_only_loss", "an SFT key")],
+    [("sft", "beta", "dpo"), ("sft", "max_prompt_length", "dpo"), ("dpo", "packing", "sft"),
+     ("dpo", "max_seq_length", "sft"), ("dpo", "assistant_only_loss", "sft")],
 )  # fmt: skip
 def test_key_of_the_other_stage_is_named_as_such(stage, key, owner):
     message = error(stage, None, [f"--{key}", "1"])
-    assert f"'{key}'" in message and owner in message
+    assert f"'{key}'" in message and f"`zephyr {owner}`" in message and f"not of `zephyr {stage}`" in message
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "owners"),
+    [("dpo", "simpo_gamma", ["cpo", "simpo"]), ("dpo", "cpo_alpha", ["cpo", "simpo"]),
+     ("simpo", "rpo_alpha", ["dpo"]), ("simpo", "packing", ["sft"]), ("sft", "simpo_gamma", ["cpo", "simpo"])],
+)  # fmt: skip
+@pytest.mark.parametrize("given", ["command line", "file"])
+def test_a_key_of_other_commands_names_every_one_of_them(tmp_path, stage, key, owners, given):
+    """Derived from the stages' config dataclasses: each stage whose dataclass has the key is named, in STAGES order,
+    with where the key came from; no closest-key guess."""
+    if given == "file":
+        path = write(tmp_path, f"{key}: 1\n")
+        message, source = error(stage, path), f"in {path}"
+    else:
+        message, source = error(stage, None, [f"--{key}", "1"]), "on the command line"
+    named = [f"`zephyr {other}`" for other in owners]
+    listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    assert message.startswith(f"'{key}' {source} is a key of {listed}, not of `zephyr {stage}`; remove it")
+    assert "\n" not in message and "did you mean" not in message
+
+
+def test_a_key_no_stage_has_keeps_the_closest_key_hint():
+    assert "did you mean 'simpo_gamma'?" in error("simpo", None, ["--simpo_gama", "1"])
 
 
 def test_legacy_and_new_spelling_with_different_values_is_refused(tmp_path):
@@ -514,14 +538,62 @@ def test_unknown_stage():
 
 # ---------------------------------------------------------------------------------------------- our recipes
 
-STAGE_RECIPES = sorted(RECIPES.glob("*/sft.yaml")) + sorted(RECIPES.glob("*/dpo.yaml"))
+STAGE_RECIPES = (
+    sorted(RECIPES.glob("*/sft.yaml"))
+    + sorted(RECIPES.glob("*/dpo.yaml"))
+    + sorted(RECIPES.glob("*/simpo.yaml"))
+    + sorted(RECIPES.glob("*/orpo.yaml"))
+    + sorted(RECIPES.glob("*/kto.yaml"))
+)
 
 
 def test_recipe_folders_are_complete():
     folders = {p.parent.name for p in STAGE_RECIPES}
     assert folders == {"zephyr-7b-alpha", "zephyr-7b-beta", "smollm2-demo"}
+    # SimPO and KTO from zephyr-7b-beta's SFT model, as their papers did; ORPO from its base model, as the ORPO paper did
+    extra = {"zephyr-7b-beta": {"simpo.yaml", "orpo.yaml", "kto.yaml"}}
     for folder in folders:
-        assert {p.name for p in (RECIPES / folder).iterdir()} == {"sft.yaml", "dpo.yaml", "README.md"}
+        names = {p.name for p in (RECIPES / folder).iterdir()}
+        assert names == {"sft.yaml", "dpo.yaml", "README.md", *extra.get(folder, ())}
+
+
+def test_the_simpo_recipe_has_the_simpo_papers_mistral_base_numbers():
+    """princeton-nlp/SimPO's training_configs/mistral-7b-base-simpo.yaml, in TRL CPOConfig's key names."""
+    cfg = load_config("simpo", RECIPES / "zephyr-7b-beta" / "simpo.yaml")
+    assert (cfg.loss_type, cfg.beta, cfg.simpo_gamma, cfg.cpo_alpha) == ("simpo", 2.0, 1.6, 0.0)
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.num_train_epochs) == (
+        3e-7,
+        "cosine",
+        0.1,
+        1,
+    )
+    assert cfg.global_batch_size(8) == 128 and (cfg.max_length, cfg.max_prompt_length) == (1024, 512)
+    assert cfg.model_name_or_path == "alignment-handbook/zephyr-7b-sft-full" and cfg.seed == 42
+
+
+def test_the_orpo_recipe_has_the_orpo_papers_mistral_orpo_beta_numbers():
+    """xfactlab/orpo's scripts/run_mistral_orpo_beta.sh (on 4 GPUs, src/accelerate/fsdp.yaml), in TRL ORPOConfig's
+    key names: from the base model, with the authors' `alpha` as beta."""
+    cfg = load_config("orpo", RECIPES / "zephyr-7b-beta" / "orpo.yaml")
+    assert cfg.model_name_or_path == "mistralai/Mistral-7B-v0.1" and cfg.beta == 0.1
+    schedule = (cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.num_train_epochs)
+    assert schedule == (5e-6, "inverse_sqrt", 200, 5)
+    assert cfg.global_batch_size(8) == 32 and (cfg.max_length, cfg.max_prompt_length) == (2048, 1792)
+    datasets = [d["id"] for d in cfg.dataset_mixture["datasets"]]
+    assert datasets == ["argilla/ultrafeedback-binarized-preferences-cleaned"]
+    assert "<|user|>" in cfg.chat_template and cfg.bf16
+
+
+def test_the_kto_recipe_has_the_kto_authors_numbers():
+    """ContextualAI/HALOs's config/config.yaml, model/base_model.yaml, model/zephyr-sft-beta.yaml, loss/kto.yaml and
+    launch.py (commit 00a123c), in TRL KTOConfig's key names."""
+    cfg = load_config("kto", RECIPES / "zephyr-7b-beta" / "kto.yaml")
+    assert cfg.model_name_or_path == "HuggingFaceH4/mistral-7b-sft-beta"
+    assert (cfg.loss_type, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight) == ("kto", 0.1, 1.0, 1.0)
+    schedule = (cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.num_train_epochs)
+    assert schedule == (5e-6, "constant_with_warmup", 150, 1)
+    assert (cfg.weight_decay, cfg.max_grad_norm, cfg.seed, cfg.max_length) == (0.01, 5.0, 1, 1024)
+    assert cfg.global_batch_size(8) == 32 and cfg.per_device_train_batch_size >= 2
 
 
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -707,3 +779,109 @@ def test_the_loader_types_every_mixture_entry_key_the_mixture_reader_takes():
 
     assert tuple(recipe._MIXTURE_ENTRY_HINTS) == mixing.MIXTURE_ENTRY_KEYS
     assert recipe.MIXTURE_KEYS is mixing.MIXTURE_KEYS
+
+
+# ---------------------------------------------------------------------------------------------- CPO and SimPO
+
+
+def test_cpo_and_simpo_defaults_follow_trl_cpo_config():
+    """TRL 1.16's CPOConfig defaults for every key both have; SimPO is CPO with loss_type simpo and cpo_alpha 0."""
+    cpo_config = pytest.importorskip("trl.experimental.cpo.cpo_config")
+    import dataclasses
+
+    theirs = {f.name: f.default for f in dataclasses.fields(cpo_config.CPOConfig)}
+    cpo, simpo = load_config("cpo"), load_config("simpo")
+    for key in ("learning_rate", "max_length", "max_completion_length", "beta", "label_smoothing", "loss_type",
+                "disable_dropout", "cpo_alpha", "simpo_gamma"):  # fmt: skip
+        assert getattr(cpo, key) == theirs[key], key
+    assert (simpo.loss_type, simpo.cpo_alpha, simpo.simpo_gamma) == ("simpo", 0.0, 0.5)
+    assert (cpo.output_dir, simpo.output_dir) == ("outputs/cpo", "outputs/simpo")
+    for stage in ("cpo", "simpo"):
+        fresh, rows = load_config(stage), describe_keys(stage)
+        assert all(getattr(fresh, key) == default for key, _, default in rows)
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "expected"),
+    [("cpo", ["--loss_type=sigmoid_norm"], "loss_type = 'sigmoid_norm' on the command line is not one of: sigmoid"),
+     ("simpo", ["--loss_type", "hinge", "--label_smoothing=0.1"], "the hinge loss has no label smoothing"),
+     ("simpo", ["--cpo_alpha=-1"], "cpo_alpha = -1.0 (on the command line) is out of range"),
+     ("cpo", ["--beta=0"], "beta = 0.0 (on the command line) is out of range"),
+     ("cpo", ["--max_prompt_length=64", "--max_length=64"], "must be less than max_length"),
+     ("cpo", ["--rpo_alpha=1"], "'rpo_alpha' on the command line is a key of `zephyr dpo`, not of `zephyr cpo`"),
+     ("simpo", ["--alpha=0.2"], "Unknown key 'alpha'"),
+     ("sft", ["--simpo_gamma=1"], "'simpo_gamma' on the command line is a key of `zephyr cpo` and `zephyr simpo`, not of `zephyr sft`")],
+)  # fmt: skip
+def test_cpo_and_simpo_recipes_are_checked(stage, overrides, expected):
+    assert expected in error(stage, None, overrides)
+
+
+def test_a_dpo_loss_type_list_is_not_a_cpo_loss_type(tmp_path):
+    """CPO takes one loss_type, as TRL's CPOConfig; a DPO-style list is refused, not silently joined."""
+    message = error("cpo", write(tmp_path, "loss_type: [sigmoid, hinge]\n"))
+    assert "loss_type" in message
+
+
+# ---------------------------------------------------------------------------------------------- ORPO
+
+
+def test_orpo_defaults_follow_trl_orpo_config():
+    """TRL 1.16's ORPOConfig defaults for every key both have; --help lists the same defaults."""
+    orpo_config = pytest.importorskip("trl.experimental.orpo.orpo_config")
+    import dataclasses
+
+    theirs = {f.name: f.default for f in dataclasses.fields(orpo_config.ORPOConfig)}
+    orpo = load_config("orpo")
+    for key in ("learning_rate", "max_length", "max_completion_length", "beta", "disable_dropout",
+                "padding_value"):  # fmt: skip
+        assert getattr(orpo, key) == theirs[key], key
+    assert orpo.output_dir == "outputs/orpo"
+    assert all(getattr(orpo, key) == default for key, _, default in describe_keys("orpo"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [(["--beta=0"], "beta = 0.0 (on the command line) is out of range"),
+     (["--max_prompt_length=64", "--max_length=64"], "must be less than max_length"),
+     (["--padding_free=true"], "padding_free = True (on the command line) does not apply to ORPO"),
+     (["--cpo_alpha=1"], "'cpo_alpha' on the command line is a key of `zephyr cpo` and `zephyr simpo`, not of `zephyr orpo`")],
+)  # fmt: skip
+def test_orpo_recipes_are_checked(overrides, expected):
+    assert expected in error("orpo", None, overrides)
+
+
+# ---------------------------------------------------------------------------------------------- KTO
+
+
+def test_kto_defaults_follow_trl_kto_config():
+    """TRL 1.16's KTOConfig defaults for every key both have, except the class weights, which Zephyr chooses from the
+    class counts when unset (TRL: 1.0 and 1.0); --help lists the same defaults."""
+    import dataclasses
+
+    from trl import KTOConfig as TRLKTOConfig
+
+    theirs = {f.name: f.default for f in dataclasses.fields(TRLKTOConfig)}
+    kto = load_config("kto")
+    shared = ("learning_rate", "max_length", "beta", "loss_type", "disable_dropout")
+    for key in (*shared, "precompute_ref_log_probs"):
+        assert getattr(kto, key) == theirs[key], key
+    assert (kto.desirable_weight, kto.undesirable_weight) == (None, None)
+    assert kto.output_dir == "outputs/kto"
+    assert all(getattr(kto, key) == default for key, _, default in describe_keys("kto"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [(["--beta=0"], "beta = 0.0 (on the command line) is out of range"),
+     (["--loss_type=sigmoid"], "loss_type = 'sigmoid' on the command line is not one of: kto, apo_zero_unpaired"),
+     (["--desirable_weight=0"], "desirable_weight = 0.0 (on the command line) is out of range"),
+     (["--per_device_train_batch_size=1"], "is too small for loss_type kto"),
+     (["--precompute_ref_log_probs=true"], "is not supported by zephyr kto yet"),
+     (["--truncation_mode=keep_end"], "not of `zephyr kto`")],
+)  # fmt: skip
+def test_kto_recipes_are_checked(overrides, expected):
+    assert expected in error("kto", None, overrides)
+
+
+def test_apo_zero_unpaired_takes_a_batch_of_one():
+    assert load_config("kto", None, ["--loss_type=apo_zero_unpaired", "--per_device_train_batch_size=1"])

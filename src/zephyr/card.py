@@ -30,7 +30,15 @@ from zephyr.recipe import check_card
 from zephyr.run_record import RECORD_FILE, RunRecord
 from zephyr.train.results import DPO_COLUMNS, results_table
 
-STAGE_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference Optimization (DPO)"}
+REFERENCE_FREE_STAGES = ("cpo", "simpo", "orpo")  # preference objectives without a reference model
+STAGE_NAMES = {
+    "sft": "supervised fine-tuning (SFT)",
+    "dpo": "Direct Preference Optimization (DPO)",
+    "cpo": "Contrastive Preference Optimization (CPO)",
+    "simpo": "Simple Preference Optimization (SimPO)",
+    "orpo": "Odds Ratio Preference Optimization (ORPO)",
+    "kto": "Kahneman-Tversky Optimization (KTO)",
+}
 # framework_versions keys as people write the library names.
 LIBRARY_NAMES = {
     "zephyr": "Zephyr", "transformers": "Transformers", "torch": "PyTorch", "accelerate": "Accelerate",
@@ -185,7 +193,12 @@ def card_metadata(run: Run) -> ModelCardData:
     # The hub's metadata names hub repositories; a local path is only described in the text.
     base = run.card.get("base_model") or (run.base_model if _is_hub_id(run.base_model) else None)
     datasets = run.card.get("datasets") or [d for d in _dataset_ids(config) if _is_hub_id(d)]
-    tags = ["zephyr", run.stage, *(_loss_types(config) if run.stage == "dpo" else [])]
+    objective = []
+    if run.stage == "dpo":
+        objective = _loss_types(config)
+    elif (run.stage in REFERENCE_FREE_STAGES or run.stage == "kto") and "loss_type" in config:  # ORPO: none
+        objective = [config["loss_type"]]
+    tags = ["zephyr", run.stage, *objective]
     if config.get("use_peft"):
         tags.append("lora")
     return ModelCardData(
@@ -379,14 +392,19 @@ def _description(run: Run) -> str:
         f"Zephyr{version}, a reproduction of the Zephyr-7B recipe (supervised fine-tuning on chat dialogues, then "
         f"DPO on preference pairs), and is the output of its {run.stage.upper()} stage."
     )
-    if run.stage == "dpo":
+    if run.stage in ("dpo", *REFERENCE_FREE_STAGES):
         reference = (
             "without a reference model"
-            if config.get("reference_free")
+            if config.get("reference_free") or run.stage in REFERENCE_FREE_STAGES
             else "against a frozen reference model"
         )
         text += (
             f" It was trained to rank the chosen response of each pair above the rejected one, {reference}."
+        )
+    if run.stage == "kto":
+        text += (
+            " It was trained to raise the likelihood of responses labelled desirable and lower that of responses "
+            "labelled undesirable, each against a frozen reference model."
         )
     return text
 
@@ -577,6 +595,12 @@ def _hyperparameters(run: Run) -> list[str]:
         lines.append(f"max_length: {config['max_length']}")
     if run.stage == "dpo":
         lines += _dpo_hyperparameters(run)
+    elif run.stage == "orpo":
+        lines += _orpo_hyperparameters(run)
+    elif run.stage == "kto":
+        lines += _kto_hyperparameters(run)
+    elif run.stage in REFERENCE_FREE_STAGES:
+        lines += _cpo_hyperparameters(run)
     else:
         lines += [
             f"packing: {config.get('packing')}",
@@ -596,6 +620,38 @@ def _hyperparameters(run: Run) -> list[str]:
             if config.get(key)
         ]
     return lines
+
+
+def _cpo_hyperparameters(run: Run) -> list[str]:
+    """CPO / SimPO: TRL CPOConfig's keys that shape the objective."""
+    config = run.config
+    lines = [f"beta: {config.get('beta')}", f"loss_type: {config.get('loss_type')}"]
+    lines += [
+        f"{key}: {config[key]}" for key in ("cpo_alpha", "simpo_gamma", "label_smoothing") if key in config
+    ]
+    if config.get("max_prompt_length") is not None:
+        lines.append(f"max_prompt_length: {config['max_prompt_length']}")
+    return lines + ["reference_model: none (reference-free)"]
+
+
+def _kto_hyperparameters(run: Run) -> list[str]:
+    """KTO: TRL KTOConfig's keys that shape the objective; the class weights as the run used them."""
+    config = run.config
+    lines = [
+        f"{key}: {config.get(key)}" for key in ("beta", "loss_type", "desirable_weight", "undesirable_weight")
+    ]
+    if run.record.reference_model:
+        lines.append(f"reference_model: {run.record.reference_model}")
+    return lines
+
+
+def _orpo_hyperparameters(run: Run) -> list[str]:
+    """ORPO: TRL ORPOConfig's `beta` (the paper's λ, the odds-ratio term's weight against the NLL)."""
+    config = run.config
+    lines = [f"beta: {config.get('beta')}"]
+    if config.get("max_prompt_length") is not None:
+        lines.append(f"max_prompt_length: {config['max_prompt_length']}")
+    return lines + ["reference_model: none (reference-free)"]
 
 
 def _dpo_hyperparameters(run: Run) -> list[str]:

@@ -129,9 +129,24 @@ def cmd_keys(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from zephyr.demo import run_demo
+    if args.objectives is None:
+        if args.max_steps is not None or args.sft_model is not None:
+            raise ZephyrError("--max-steps and --sft-model are options of `zephyr demo --objectives ...`")
+        from zephyr.demo import run_demo
 
-    return run_demo(output_dir=args.output_dir, data_dir=args.data_dir, quick=args.quick)
+        return run_demo(output_dir=args.output_dir, data_dir=args.data_dir, quick=args.quick)
+    from zephyr.demo_compare import parse_objectives, run_comparison
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ZephyrError(f"--max-steps {args.max_steps}: give a number of steps >= 1")
+    return run_comparison(
+        parse_objectives(args.objectives),
+        output_dir=os.path.join(args.output_dir, "objectives"),
+        data_dir=args.data_dir,
+        quick=args.quick,
+        max_steps=args.max_steps,
+        sft_model=args.sft_model,
+    )
 
 
 def _engine(args: argparse.Namespace):
@@ -316,6 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where runs go (default: outputs/demo)")
     p.add_argument("--data-dir", default="data/demo", help="where the demo data goes (default: data/demo)")
     p.add_argument("--quick", action="store_true", help="the smallest run that exercises every stage")
+    p.add_argument(
+        "--objectives",
+        metavar="NAMES",
+        help="compare preference objectives instead (e.g. dpo,simpo): each trained from the same SFT model with the "
+        "same budget, in one table of reward accuracy, instruction pass rate, seconds per step and peak memory "
+        "(runs go to OUTPUT_DIR/objectives)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="with --objectives: the steps each objective trains (default: the recipe's)",
+    )
+    p.add_argument(
+        "--sft-model",
+        metavar="DIR",
+        help="with --objectives: start every objective from this SFT model (e.g. outputs/demo/sft, from a plain "
+        "`zephyr demo`) instead of training one",
+    )
 
     p = command(
         commands,
@@ -337,6 +370,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--config_file recipes/accelerate/zero3.yaml -m zephyr dpo --config R`.",
     )
     _add_recipe_arguments(p, "dpo")
+    p = command(
+        commands,
+        "cpo",
+        cmd_train,
+        "contrastive preference optimisation on preference pairs (no reference model)",
+        "Contrastive Preference Optimization (TRL's CPOTrainer): a reference-free preference loss (loss_type "
+        "sigmoid, hinge, ipo or simpo) plus cpo_alpha times the NLL of the chosen responses, with TRL's metric "
+        "names. Runs on one CPU as it is, and on many GPUs under `accelerate launch ... -m zephyr cpo --config R`.",
+    )
+    _add_recipe_arguments(p, "cpo")
+    p = command(
+        commands,
+        "simpo",
+        cmd_train,
+        "SimPO on preference pairs: length-normalised, reference-free, with a target reward margin",
+        "Simple Preference Optimization: TRL's CPO with loss_type simpo (mean log-probs, margin simpo_gamma) and "
+        "cpo_alpha 0. Every `zephyr cpo` key applies. Runs on one CPU as it is, and on many GPUs under "
+        "`accelerate launch ... -m zephyr simpo --config R`.",
+    )
+    _add_recipe_arguments(p, "simpo")
+    p = command(
+        commands,
+        "orpo",
+        cmd_train,
+        "odds ratio preference optimisation: one stage from a base model, no SFT step and no reference model",
+        "Odds Ratio Preference Optimization (TRL's ORPOTrainer): the NLL of the chosen responses plus beta times "
+        "the odds-ratio loss of chosen over rejected, with TRL's metric names. Runs on one CPU as it is, and on "
+        "many GPUs under `accelerate launch ... -m zephyr orpo --config R`.",
+    )
+    _add_recipe_arguments(p, "orpo")
+    p = command(
+        commands,
+        "kto",
+        cmd_train,
+        "Kahneman-Tversky optimisation on completions labelled desirable or undesirable (or unpaired pairs)",
+        "Kahneman-Tversky Optimization (TRL's KTOTrainer): rows prompt/completion/label, or prompt/chosen/rejected "
+        "pairs unpaired as TRL does, scored against a reference model and a KL reference point, with TRL's metric "
+        "names. Runs on one CPU as it is, and on many GPUs under `accelerate launch ... -m zephyr kto --config R`.",
+    )
+    _add_recipe_arguments(p, "kto")
 
     # zephyr model ...
     model = commands.add_parser("model", help="the embedded default model", description="Manage models.")
@@ -432,11 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_data_prepare,
         "load, mix, validate and tokenize a recipe's data; cached, so training starts at once",
     )
-    p.add_argument("stage", choices=["sft", "dpo"])
-    _add_recipe_arguments(p, "sft|dpo")
+    p.add_argument("stage", choices=["sft", "dpo", "kto"])
+    _add_recipe_arguments(p, "sft|dpo|kto")
 
     p = command(commands, "keys", cmd_keys, "list every recipe key of a stage with its type and default")
-    p.add_argument("stage", choices=["sft", "dpo"])
+    p.add_argument("stage", choices=["sft", "dpo", "cpo", "simpo", "orpo", "kto"])
 
     p = command(
         commands,

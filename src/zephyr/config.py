@@ -230,7 +230,100 @@ class DPOConfig(RecipeConfig):
     ref_adapter_name: str | None = None
 
 
-STAGES: dict[str, type[RecipeConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+@dataclass
+class CPOConfig(RecipeConfig):
+    """Contrastive preference optimisation (`zephyr cpo`): RecipeConfig plus trl.experimental.cpo.CPOConfig's keys.
+
+    No reference model: the loss compares the policy's own chosen and rejected log-probs, plus `cpo_alpha` times the
+    NLL of the chosen completions. TRL 1.16's `alpha` (AlphaPO) is not implemented, so it is not a key here."""
+
+    stage: ClassVar[str] = "cpo"
+
+    output_dir: str = "outputs/cpo"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # A name in zephyr.train.objectives.CPO_LOSSES (TRL's CPO loss types; one, not a list as for DPO)
+    loss_type: str = field(default="sigmoid", metadata={"registry": "cpo_loss_type"})
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    # Cut as DPO's (zephyr.data.tokenize). TRL 1.16's CPOConfig has no max_prompt_length (older TRL had it) and reads
+    # max_completion_length only for encoder-decoder models.
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    disable_dropout: bool = True
+    padding_value: int | None = None
+    # As DPO's; the packed layout has no padding positions for TRL's logits/*, which it leaves out (zephyr.train.cpo).
+    prefix_sharing: bool | None = None
+
+
+@dataclass
+class SimPOConfig(CPOConfig):
+    """SimPO (`zephyr simpo`): TRL's CPO with `loss_type: simpo` and no NLL term (`cpo_alpha: 0`), as TRL's SimPO
+    documentation sets it; every CPO key applies."""
+
+    stage: ClassVar[str] = "simpo"
+
+    output_dir: str = "outputs/simpo"
+    loss_type: str = field(default="simpo", metadata={"registry": "cpo_loss_type"})
+    cpo_alpha: float = 0.0
+
+
+@dataclass
+class ORPOConfig(RecipeConfig):
+    """Odds ratio preference optimisation (`zephyr orpo`): RecipeConfig plus trl.experimental.orpo.ORPOConfig's keys.
+
+    One stage from a base model: the NLL of the chosen sequences plus `beta` (the paper's λ) times the odds-ratio
+    loss; no reference model and no separate SFT step."""
+
+    stage: ClassVar[str] = "orpo"
+    # ORPO's NLL covers the prompt, which the packed layout does not score: always TRL's two padded rows per pair.
+    prefix_sharing: ClassVar[bool] = False
+
+    output_dir: str = "outputs/orpo"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    # Cut as DPO's (zephyr.data.tokenize); TRL 1.16's ORPOConfig reads max_completion_length only for
+    # encoder-decoder models and has no max_prompt_length.
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    disable_dropout: bool = True
+    padding_value: int | None = None
+
+
+@dataclass
+class KTOConfig(RecipeConfig):
+    """Kahneman-Tversky optimisation (`zephyr kto`): RecipeConfig plus trl.KTOConfig's keys (TRL 1.16's defaults).
+
+    Unpaired data (prompt / completion / label) or preference pairs, unpaired as TRL does. The reference model is
+    needed: a frozen copy of the starting model, or with LoRA the base model (adapters disabled)."""
+
+    stage: ClassVar[str] = "kto"
+    # TRL's KTO collator cuts every sequence to max_length from the end (no truncation_mode key in its KTOConfig).
+    truncation_mode: ClassVar[str] = "keep_start"
+
+    output_dir: str = "outputs/kto"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str = field(default="kto", metadata={"registry": "kto_loss_type"})
+    # None (unset): chosen from the train split's class counts (zephyr.train.objectives.kto_class_weights); TRL's
+    # default is 1.0 and 1.0 whatever the counts.
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    ref_model_name_or_path: str | None = None  # None: a frozen copy of the starting model
+    # Reference log-probs are computed in each step; true (TRL's precomputed pass) is refused until it is implemented.
+    precompute_ref_log_probs: bool = False
+    disable_dropout: bool = True
+
+
+STAGES: dict[str, type[RecipeConfig]] = {
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "cpo": CPOConfig,
+    "simpo": SimPOConfig,
+    "orpo": ORPOConfig,
+    "kto": KTOConfig,
+}
 
 
 def config_to_dict(cfg: RecipeConfig) -> dict[str, Any]:

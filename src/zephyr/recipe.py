@@ -27,13 +27,29 @@ from typing import Any, Union
 
 import yaml
 
-from zephyr.config import CARD_KEYS, CARD_TYPES, STAGES, DPOConfig, RecipeConfig, SFTConfig
+from zephyr.config import (
+    CARD_KEYS,
+    CARD_TYPES,
+    STAGES,
+    CPOConfig,
+    DPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    RecipeConfig,
+    SFTConfig,
+)
 from zephyr.data.mixing import MIXTURE_ENTRY_KEYS, MIXTURE_KEYS
 from zephyr.errors import ConfigError
-from zephyr.train.objectives import F_DIVERGENCES, LOSS_RULES, LOSSES
+from zephyr.train.objectives import (
+    CPO_LOSS_RULES,
+    CPO_LOSSES,
+    F_DIVERGENCES,
+    KTO_LOSSES,
+    LABEL_SMOOTHING_RANGE,
+    LOSS_RULES,
+    LOSSES,
+)
 from zephyr.train.optimizers import OPTIMIZERS, optimizer_name
-
-_A_STAGE = {"sft": "an SFT", "dpo": "a DPO"}
 
 # Old key -> today's key. use_flash_attention_2 is special-cased: true means attn_implementation flash_attention_2.
 _LEGACY_KEYS = {
@@ -42,16 +58,30 @@ _LEGACY_KEYS = {
     "preprocessing_num_workers": "dataset_num_proc",
     "use_flash_attention_2": "attn_implementation",
 }
-_STAGE_LEGACY_KEYS = {"sft": {"max_seq_length": "max_length"}, "dpo": {}}
+_STAGE_LEGACY_KEYS = {
+    "sft": {"max_seq_length": "max_length"},
+    "dpo": {},
+    "cpo": {},
+    "simpo": {},
+    "orpo": {},
+    "kto": {},
+}
 
 
 # Keys whose values are a registry's names (checked against the live dict, so a registered entry is valid at once).
 # optim is refused by zephyr.train.optimizers.optimizer_name itself (_check_training), in the words the loop uses.
-_REGISTRY_CHOICES = {"loss_type": LOSSES, "f_divergence_type": F_DIVERGENCES, "optim": OPTIMIZERS}
+# A field whose metadata names a "registry" (CPO's loss_type) is checked against that entry instead of its own name.
+_REGISTRY_CHOICES = {
+    "loss_type": LOSSES,
+    "f_divergence_type": F_DIVERGENCES,
+    "optim": OPTIMIZERS,
+    "cpo_loss_type": CPO_LOSSES,
+    "kto_loss_type": KTO_LOSSES,
+}
 
 
 def _choices(f: dataclasses.Field) -> Collection[str] | None:
-    return f.metadata.get("choices") or _REGISTRY_CHOICES.get(f.name)
+    return f.metadata.get("choices") or _REGISTRY_CHOICES.get(f.metadata.get("registry", f.name))
 
 
 _MIXTURE_ENTRY_HINTS = {
@@ -67,7 +97,7 @@ _MIXTURE_ENTRY_ALIASES = {"path": "id", "name": "config", "fraction": "weight"}
 
 def load_config(
     stage: str, config_file: str | Path | None = None, overrides: Sequence[str] = ()
-) -> SFTConfig | DPOConfig:
+) -> SFTConfig | DPOConfig | CPOConfig | ORPOConfig:
     """The STAGE config from CONFIG_FILE (YAML) with OVERRIDES (raw argv tokens, e.g. ["--bf16=false"]) on top."""
     cls = _stage_class(stage)
     values: dict[str, Any] = {}
@@ -183,7 +213,7 @@ def _canonical_values(cls: type[RecipeConfig], raw: dict[str, Any], source: str)
     """RAW's values under today's key names, typed; unknown, other-stage and conflicting keys are refused."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    legacy = {**_LEGACY_KEYS, **_STAGE_LEGACY_KEYS[cls.stage]}
+    legacy = {**_LEGACY_KEYS, **_STAGE_LEGACY_KEYS.get(cls.stage, {})}
     out: dict[str, Any] = {}
     spelled: dict[str, str] = {}  # canonical key -> the spelling that set it in this source
     for key, value in raw.items():
@@ -207,16 +237,27 @@ def _canonical_values(cls: type[RecipeConfig], raw: dict[str, Any], source: str)
 
 
 def _unknown_key(cls: type[RecipeConfig], key: str, source: str, known: list[str]) -> ConfigError:
-    for other_stage, other in STAGES.items():
-        other_keys = {f.name for f in dataclasses.fields(other)} | set(_STAGE_LEGACY_KEYS[other_stage])
-        if other is not cls and key in other_keys:
-            return ConfigError(
-                f"'{key}' {source} is {_A_STAGE[other_stage]} key, not {_A_STAGE[cls.stage]} one; "
-                f"remove it, or use it with `zephyr {other_stage}`."
-            )
+    owners = _stages_taking(key)
+    if owners:
+        commands = [f"`zephyr {stage}`" for stage in owners]
+        named = commands[0] if len(commands) == 1 else f"{', '.join(commands[:-1])} and {commands[-1]}"
+        return ConfigError(
+            f"'{key}' {source} is a key of {named}, not of `zephyr {cls.stage}`; "
+            f"remove it, or use it with {'that command' if len(commands) == 1 else 'one of those commands'}."
+        )
     close = _suggest(key, known)
     hint = f"; did you mean {close}?" if close else f"; run `zephyr {cls.stage} --help` for the valid keys."
     return ConfigError(f"Unknown key '{key}' {source}{hint}")
+
+
+def _stages_taking(key: str) -> list[str]:
+    """The stages (in STAGES order) whose config dataclass has KEY, under its name or a legacy spelling: read from
+    the dataclasses, so that a stage registered later is named here without an edit."""
+    return [
+        stage
+        for stage, cls in STAGES.items()
+        if key in {f.name for f in dataclasses.fields(cls)} or key in _STAGE_LEGACY_KEYS.get(stage, {})
+    ]
 
 
 def _suggest(word: str, candidates: Collection[str]) -> str:
@@ -521,6 +562,12 @@ def _validate(cfg: RecipeConfig, where: dict[str, str]) -> None:
     _check_data(cfg, check)
     if isinstance(cfg, DPOConfig):
         _check_dpo(cfg, check)
+    if isinstance(cfg, CPOConfig):
+        _check_cpo(cfg, check)
+    if isinstance(cfg, ORPOConfig):
+        _check_orpo(cfg, check)
+    if isinstance(cfg, KTOConfig):
+        _check_kto(cfg, check)
 
 
 def _check_training(cfg: RecipeConfig, check: _Checks) -> None:
@@ -602,17 +649,8 @@ def _check_dpo(cfg: DPOConfig, check: _Checks) -> None:
     if cfg.loss_weights is not None:
         check.need(len(cfg.loss_weights) == len(cfg.loss_type), "loss_weights",
                    f"one weight per loss_type ({len(cfg.loss_type)})")  # fmt: skip
-    for key in ("max_prompt_length", "max_completion_length", "precompute_ref_batch_size"):
-        check.at_least(key, 1, optional=True)
-    if (
-        cfg.max_prompt_length is not None
-        and cfg.max_length is not None
-        and cfg.max_prompt_length >= cfg.max_length
-    ):
-        raise ConfigError(
-            f"{check.at('max_prompt_length')} must be less than {check.at('max_length')}, or no completion token "
-            "would fit; lower max_prompt_length or raise max_length."
-        )
+    check.at_least("precompute_ref_batch_size", 1, optional=True)
+    _check_lengths(cfg, check)
     check.at_least("rpo_alpha", 0, optional=True)
     check.need(cfg.ld_alpha is None or 0 <= cfg.ld_alpha <= 1, "ld_alpha", "null or a number in [0, 1]")
     check.need(cfg.discopop_tau > 0, "discopop_tau", "a number > 0")
@@ -639,4 +677,64 @@ def _check_dpo(cfg: DPOConfig, check: _Checks) -> None:
     if cfg.precompute_ref_log_probs and cfg.sync_ref_model:
         check.exclusive(
             "precompute_ref_log_probs", "sync_ref_model", "a reference that moves cannot be precomputed"
+        )
+
+
+def _check_cpo(cfg: CPOConfig, check: _Checks) -> None:
+    check.need(cfg.beta > 0, "beta", "a number > 0")
+    check.need(
+        cfg.label_smoothing in LABEL_SMOOTHING_RANGE,
+        "label_smoothing",
+        f"a number in {LABEL_SMOOTHING_RANGE}",
+    )
+    if cfg.label_smoothing > 0 and not CPO_LOSS_RULES[cfg.loss_type].label_smoothing:
+        # TRL only warns and ignores it; a key that would be ignored is refused here.
+        check.exclusive("label_smoothing", "loss_type", f"the {cfg.loss_type} loss has no label smoothing")
+    check.at_least("cpo_alpha", 0)
+    check.at_least("simpo_gamma", 0)
+    _check_lengths(cfg, check)
+
+
+def _check_orpo(cfg: ORPOConfig, check: _Checks) -> None:
+    check.need(cfg.beta > 0, "beta", "a number > 0")
+    if cfg.padding_free:
+        raise ConfigError(
+            f"{check.at('padding_free')} does not apply to ORPO: its NLL scores the prompt too, which the packed "
+            "layout does not; remove padding_free (ORPO runs in TRL's two padded rows per pair)."
+        )
+    _check_lengths(cfg, check)
+
+
+def _check_kto(cfg: KTOConfig, check: _Checks) -> None:
+    check.need(cfg.beta > 0, "beta", "a number > 0")
+    for key in ("desirable_weight", "undesirable_weight"):
+        check.need(getattr(cfg, key) is None or getattr(cfg, key) > 0, key, "null or a number > 0")
+    if cfg.loss_type == "kto" and cfg.per_device_train_batch_size < 2:
+        # TRL refuses it too: the batch's only mismatched pair would be the example itself.
+        raise ConfigError(
+            f"{check.at('per_device_train_batch_size')} is too small for loss_type kto, whose KL estimate pairs "
+            "each prompt with another example's completion in the same micro-batch; use 2 or more."
+        )
+    if cfg.precompute_ref_log_probs:
+        raise ConfigError(
+            f"{check.at('precompute_ref_log_probs')} is not supported by zephyr kto yet (its reference log-probs "
+            "are computed in each step); remove it from the recipe."
+        )
+    if cfg.padding_free:
+        raise ConfigError(
+            f"{check.at('padding_free')} does not apply to KTO, which runs in TRL's padded rows; remove it."
+        )
+
+
+def _check_lengths(cfg: DPOConfig | CPOConfig | ORPOConfig, check: _Checks) -> None:
+    for key in ("max_prompt_length", "max_completion_length"):
+        check.at_least(key, 1, optional=True)
+    if (
+        cfg.max_prompt_length is not None
+        and cfg.max_length is not None
+        and cfg.max_prompt_length >= cfg.max_length
+    ):
+        raise ConfigError(
+            f"{check.at('max_prompt_length')} must be less than {check.at('max_length')}, or no completion token "
+            "would fit; lower max_prompt_length or raise max_length."
         )

@@ -1,6 +1,6 @@
-"""The training stages as `zephyr sft` and `zephyr dpo` run them: train (`zephyr.train.sft`, `zephyr.train.dpo`),
-then, on the main process and while the run still holds its folder, write the model card and push the folder to
-the Hub when the recipe asks. Training itself knows nothing of cards or the Hub; this is the layer above it.
+"""The training stages as `zephyr sft`, `dpo`, `cpo`, `simpo`, `orpo` and `kto` run them: train (`zephyr.train.sft`,
+`.dpo`, `.cpo`, `.orpo`, `.kto`), then, on the main process and while the run still holds its folder, write the model card and push
+the folder to the Hub when the recipe asks. Training itself knows nothing of cards or the Hub; this is the layer above it.
 
     result = run_stage(load_config("dpo", "recipes/zephyr-7b-beta/dpo.yaml", []))
 """
@@ -12,12 +12,15 @@ from pathlib import Path
 from zephyr.card import write_card
 from zephyr.errors import ZephyrError
 from zephyr.train import run_folder
+from zephyr.train.cpo import run_cpo
 from zephyr.train.dpo import run_dpo
+from zephyr.train.kto import run_kto
 from zephyr.train.loop import TrainResult
+from zephyr.train.orpo import run_orpo
 from zephyr.train.setup import hub_repo_id
 from zephyr.train.sft import run_sft
 
-STAGES = {"sft": run_sft, "dpo": run_dpo}
+STAGES = {"sft": run_sft, "dpo": run_dpo, "cpo": run_cpo, "simpo": run_cpo, "orpo": run_orpo, "kto": run_kto}
 
 
 def run_stage(cfg, *, progress: bool = True) -> TrainResult:

@@ -175,6 +175,17 @@ def preference_row(draw):
 
 
 @st.composite
+def unpaired_row(draw):
+    """KTO's prompt/completion/label row, as strings or message lists."""
+    prompt, completion = draw(CONTENT), draw(CONTENT)
+    row = {"prompt": prompt, "completion": completion, "label": draw(st.booleans())}
+    if draw(st.booleans()):
+        row["prompt"] = [{"role": "user", "content": prompt}]
+        row["completion"] = [{"role": "assistant", "content": completion}]
+    return row
+
+
+@st.composite
 def binarized_row(draw):
     """An ultrafeedback_binarized row: chosen/rejected are [user, assistant] with the same prompt."""
     prompt, chosen, rejected = draw(distinct(3))
@@ -227,6 +238,7 @@ ROWS = {
     "messages": st.fixed_dictionaries({"messages": dialogue()}),
     "sharegpt": st.fixed_dictionaries({"conversations": dialogue("from", "value", ("human", "gpt"))}),
     "preference": preference_row(),
+    "unpaired": unpaired_row(),
     "ultrafeedback_binarized": binarized_row(),
     "ultrafeedback": raw_ultrafeedback_row(),
 }
@@ -302,10 +314,16 @@ def assert_internal_form(row: dict) -> None:
         turns = turns[1:] if turns[:1] == ["system"] else turns
         assert turns and turns == ["user", "assistant"] * (len(turns) // 2)
         return
-    assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+    unpaired = set(row) == {"prompt", "completion", "label"}
+    assert unpaired or set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
     prompt = roles(row["prompt"])
     prompt = prompt[1:] if prompt[:1] == ["system"] else prompt
     assert prompt and prompt == ["user", "assistant"] * (len(prompt) // 2) + ["user"]
+    if unpaired:
+        completion = roles(row["completion"])
+        assert completion and completion == ["assistant", "user"] * (len(completion) // 2) + ["assistant"]
+        assert type(row["label"]) is bool
+        return
     for side in ("chosen", "rejected"):
         completion = roles(row[side])
         assert completion and completion == ["assistant", "user"] * (len(completion) // 2) + ["assistant"]

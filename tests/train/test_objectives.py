@@ -12,10 +12,20 @@ import torch
 from zephyr.errors import ConfigError
 from zephyr.train.logprobs import SequenceLogps
 from zephyr.train.objectives import (
+    CPO_LOSSES,
+    KTO_LOSSES,
     LOSSES,
     check_loss_config,
+    chosen_nll,
+    cpo_loss,
     dpo_loss,
+    kto_class_weights,
+    kto_kl,
+    kto_loss,
     length_desensitised_logps,
+    log1mexp,
+    odds_ratio_loss,
+    orpo_loss,
     preference_metrics,
     wpo_weights,
 )
@@ -511,3 +521,198 @@ def test_pair_logps_applies_ld_alpha_to_the_tail_past_the_shorter_completion():
     assert chosen.tolist() == [-4.5] and rejected.tolist() == [-2.0]
     chosen, rejected = pair_logps(out, labels, None)
     assert chosen.tolist() == [-6.0] and rejected.tolist() == [-2.0]
+
+
+# ---------------------------------------------------------------------------------------------- reference-free (CPO)
+# The same three pairs, read as the policy's own log-probs: margin m = [2, 0, -2]; with β = 0.5, β m = [1, 0, -1].
+# Mean log-probs (ipo, simpo): chosen [1/1, 0/2, -1/4] = [1, 0, -0.25], rejected [-1/1, 0/1, 1/2] = [-1, 0, 0.5],
+# so m̄ = [2, 0, -0.75].
+
+
+def _cpo(loss_type, **kw):
+    kw.setdefault("beta", BETA)
+    return cpo_loss(CHOSEN, REJECTED, CHOSEN_COUNTS, REJECTED_COUNTS, loss_type=loss_type, **kw)
+
+
+def test_cpo_sigmoid_is_dpo_without_a_reference():
+    """-log σ(β m) = [ℓ(1), ln 2, ℓ(-1)]; rewards β x the summed log-probs."""
+    out = _cpo("sigmoid")
+    _check(out.losses, [ell(1), math.log(2), ell(-1)])
+    _check(out.chosen_rewards, [0.5, 0.0, -0.5])
+    _check(out.rejected_rewards, [-0.5, 0.0, 0.5])
+    _check(out.chosen_logps, [1.0, 0.0, -1.0])
+
+
+def test_cpo_sigmoid_with_label_smoothing_is_conservative():
+    """ε = 0.25: 0.75 ℓ(β m) + 0.25 ℓ(-β m)."""
+    want = [0.75 * ell(x) + 0.25 * ell(-x) for x in (1.0, 0.0, -1.0)]
+    _check(_cpo("sigmoid", label_smoothing=0.25).losses, want)
+
+
+def test_cpo_hinge():
+    """max(0, 1 - β m) = max(0, 1 - [1, 0, -1]) = [0, 1, 2]."""
+    _check(_cpo("hinge").losses, [0.0, 1.0, 2.0])
+
+
+def test_cpo_ipo_uses_mean_log_probs():
+    """(m̄ - 1/2β)² with 1/2β = 1: ([2, 0, -0.75] - 1)² = [1, 1, 3.0625]; logps/* are the means."""
+    out = _cpo("ipo")
+    _check(out.losses, [1.0, 1.0, 3.0625])
+    _check(out.chosen_logps, [1.0, 0.0, -0.25])
+    _check(out.rejected_logps, [-1.0, 0.0, 0.5])
+
+
+def test_cpo_simpo_has_a_target_margin():
+    """-log σ(β m̄ - γ), γ = 0.5: β m̄ - γ = [1, 0, -0.375] - 0.5 = [0.5, -0.5, -0.875]; rewards β x the means."""
+    out = _cpo("simpo", simpo_gamma=0.5)
+    _check(out.losses, [ell(0.5), ell(-0.5), ell(-0.875)])
+    _check(out.chosen_rewards, [0.5, 0.0, -0.125])
+    _check(out.rejected_rewards, [-0.5, 0.0, 0.25])
+    assert not out.chosen_rewards.requires_grad
+
+
+def test_cpo_simpo_without_margin_is_length_normalised_cpo():
+    """γ = 0: -log σ(β m̄) = [ℓ(1), ln 2, ℓ(-0.375)]."""
+    _check(_cpo("simpo", simpo_gamma=0.0).losses, [ell(1), math.log(2), ell(-0.375)])
+
+
+def test_chosen_nll_is_the_per_token_cross_entropy_of_the_batch():
+    """Σ log-probs [-1, 0, -6] over 1 + 2 + 4 tokens: 7 / 7 = 1, where the mean of per-pair means would be
+    (1 + 0 + 1.5) / 3."""
+    _check(chosen_nll(torch.tensor([-1.0, 0.0, -6.0]), CHOSEN_COUNTS), 1.0)
+
+
+def test_every_registered_cpo_loss_has_a_hand_test():
+    tested = {name[len("test_cpo_") :] for name in globals() if name.startswith("test_cpo_")}
+    covered = {n for n in CPO_LOSSES if any(t == n or t.startswith(n + "_") for t in tested)}
+    assert covered == set(CPO_LOSSES)
+
+
+def test_cpo_losses_match_trl_cpo_trainer_on_random_tensors():
+    """TRL 1.16's `CPOTrainer.cpo_loss` called on a stand-in `self`, for every loss type."""
+    cpo_trainer = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    torch.manual_seed(0)
+    chosen, rejected = -torch.rand(8) * 20, -torch.rand(8) * 20
+    chosen_counts, rejected_counts = torch.randint(1, 9, (8,)), torch.randint(1, 9, (8,))
+    for loss_type in CPO_LOSSES:
+        for label_smoothing in (0.0, 0.2) if loss_type in ("sigmoid", "simpo") else (0.0,):
+            ours = cpo_loss(chosen, rejected, chosen_counts, rejected_counts, loss_type=loss_type, beta=0.3,
+                            label_smoothing=label_smoothing, simpo_gamma=0.7)  # fmt: skip
+            normalise = loss_type in ("ipo", "simpo")
+            trl_self = types.SimpleNamespace(
+                alpha=0.0, beta=0.3, label_smoothing=label_smoothing, loss_type=loss_type, simpo_gamma=0.7,
+                accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+            )  # fmt: skip
+            theirs = cpo_trainer.CPOTrainer.cpo_loss(
+                trl_self,
+                chosen / chosen_counts if normalise else chosen,
+                rejected / rejected_counts if normalise else rejected,
+            )
+            for got, want in zip(ours[:3], theirs, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- odds ratio (ORPO)
+# Mean log-probs of three pairs: chosen P = [1/2, 1/4, 1/2], rejected P = [1/4, 1/2, 1/2].
+# odds = P / (1 - P): 1/2 -> 1, 1/4 -> 1/3; so the log odds ratios are [ln 3, -ln 3, 0].
+ORPO_CHOSEN = torch.log(torch.tensor([0.5, 0.25, 0.5]))
+ORPO_REJECTED = torch.log(torch.tensor([0.25, 0.5, 0.5]))
+
+
+def test_odds_ratio_loss_by_hand():
+    """-log σ(log odds ratio): σ(ln 3) = 3/4, σ(-ln 3) = 1/4, σ(0) = 1/2, so L_OR = [ln 4/3, ln 4, ln 2];
+    rewards are β x the mean log-probs; log_odds_ratio is log σ(.) = -L_OR."""
+    out = odds_ratio_loss(ORPO_CHOSEN, ORPO_REJECTED, beta=0.5)
+    _check(out.losses, [math.log(4 / 3), math.log(4), math.log(2)])
+    _check(out.log_odds, [math.log(3), -math.log(3), 0.0])
+    _check(out.log_odds_ratio, [math.log(3 / 4), math.log(1 / 4), math.log(1 / 2)])
+    _check(out.chosen_rewards, [0.5 * math.log(0.5), 0.5 * math.log(0.25), 0.5 * math.log(0.5)])
+    _check(out.rejected_rewards, [0.5 * math.log(0.25), 0.5 * math.log(0.5), 0.5 * math.log(0.5)])
+    assert not out.chosen_rewards.requires_grad
+
+
+def test_orpo_loss_is_nll_plus_lambda_times_the_mean_odds_ratio_term():
+    """NLL 2 + λ 0.5 x mean(ln 4/3, ln 4, ln 2) = 2 + ln(32/3) / 6."""
+    out = odds_ratio_loss(ORPO_CHOSEN, ORPO_REJECTED, beta=0.5)
+    _check(orpo_loss(torch.tensor(2.0), out.losses, beta=0.5), 2 + math.log(32 / 3) / 6)
+
+
+def test_log1mexp_is_accurate_on_both_branches():
+    """log(1 - e^x): near 0, 1 - e^x = -x(1 + x/2 + ...), so x = -1e-10 gives log(1e-10) - 5e-11 (log(1 - exp(x))
+    in float64 is off from the 9th digit); far below, x = -50 gives -e^-50; at -ln 2 both branches give log(1/2)."""
+    x = torch.tensor([-1e-10, -50.0, -math.log(2), math.log(0.25)], dtype=torch.float64)
+    want = [math.log(1e-10) - 5e-11, -math.exp(-50), math.log(0.5), math.log(0.75)]
+    want = torch.tensor(want, dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), want, rtol=1e-12, atol=0)
+
+
+def test_odds_ratio_loss_matches_trl_orpo_trainer_on_random_tensors():
+    """TRL 1.16's `ORPOTrainer.odds_ratio_loss` called on a stand-in `self`: its losses are β log σ(.), ours
+    -log σ(.) with β applied in `orpo_loss`, so TRL's loss (nll - mean(losses)) is ours."""
+    orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    torch.manual_seed(0)
+    chosen, rejected = -torch.rand(8) * 3, -torch.rand(8) * 3
+    trl_self = types.SimpleNamespace(beta=0.3, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen_rewards, rejected_rewards, ratio, log_odds = orpo_trainer.ORPOTrainer.odds_ratio_loss(
+        trl_self, chosen, rejected
+    )
+    ours = odds_ratio_loss(chosen, rejected, beta=0.3)
+    nll = torch.tensor(1.5)
+    torch.testing.assert_close(orpo_loss(nll, ours.losses, beta=0.3), nll - losses.mean())
+    torch.testing.assert_close(ours.chosen_rewards, chosen_rewards)
+    torch.testing.assert_close(ours.rejected_rewards, rejected_rewards)
+    torch.testing.assert_close(ours.log_odds_ratio.mean(), ratio)
+    torch.testing.assert_close(ours.log_odds.mean(), log_odds)
+
+
+# ---------------------------------------------------------------------------------------------- unpaired (KTO)
+# Two desirable rows with log-ratios r = [2, 0] and two undesirable with r = [-2, 4], reference point z0 = 1, β = 0.5.
+
+
+def test_kto_kto_loss_weighs_each_class_against_the_reference_point():
+    """desirable: λ_D (1 - σ(β (r - z0))) = 1 - σ(0.5), 1 - σ(-0.5) = σ(0.5); undesirable: λ_U (1 - σ(β (z0 - r)))
+    = 2 (1 - σ(1.5)), 2 (1 - σ(-1.5)) = 2 σ(1.5) with λ_U = 2; rewards β r = [1, 0] and [-1, 2]."""
+    out = kto_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 4.0]), torch.tensor(1.0), beta=0.5,
+                   desirable_weight=1.0, undesirable_weight=2.0)  # fmt: skip
+    _check(out.losses, [1 - sig(0.5), sig(0.5), 2 * (1 - sig(1.5)), 2 * sig(1.5)])
+    _check(out.chosen_rewards, [1.0, 0.0])
+    _check(out.rejected_rewards, [-1.0, 2.0])
+
+
+def test_kto_apo_zero_unpaired_has_no_reference_point():
+    """desirable 1 - σ(β r) = 1 - σ(1), 1/2; undesirable σ(β r) = σ(-1), σ(2); z0 is ignored."""
+    out = kto_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 4.0]), torch.tensor(1.0), beta=0.5,
+                   loss_type="apo_zero_unpaired")  # fmt: skip
+    _check(out.losses, [1 - sig(1.0), 0.5, sig(-1.0), sig(2.0)])
+
+
+def test_kto_loss_with_one_class_in_the_batch():
+    """A micro-batch of desirable rows only: the undesirable half is empty, the losses are the desirable ones."""
+    out = kto_loss(torch.tensor([2.0]), torch.zeros(0), torch.tensor(0.0), beta=0.5)
+    _check(out.losses, [1 - sig(1.0)])
+
+
+def test_kto_kl_is_the_clamped_mean_log_ratio_of_the_mismatched_pairs():
+    """z0 = max(0, mean(log π - log π_ref)): [-3, -5] - [-4, -7] = [1, 2] -> 1.5; [-3, -5] - [-4, -3] = [1, -2]
+    -> -0.5, clamped to 0. With a gather (two processes, the other's mean 2.5): (1.5 + 2.5) / 2 = 2."""
+    _check(kto_kl(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -7.0])), 1.5)
+    _check(kto_kl(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -3.0])), 0.0)
+    two_processes = lambda t: torch.cat([t, torch.tensor([2.5])])  # noqa: E731
+    _check(kto_kl(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -7.0]), gather=two_processes), 2.0)
+
+
+@pytest.mark.parametrize(
+    ("counts", "weights"),
+    [((5, 5), (1.0, 1.0)),  # ratio 1: in [1, 4/3]
+     ((4, 3), (1.0, 1.0)),  # ratio 4/3: in range
+     ((3, 9), (3.0, 1.0)),  # ratio 1/3: desirable up-weighted to 3 x 3 / 9 = 1
+     ((10, 3), (1.0, 2.5))],  # ratio 10/3: undesirable up-weighted to 10 / (3 x 2.5) = 4/3
+)  # fmt: skip
+def test_kto_class_weights_bring_the_weighted_ratio_into_range(counts, weights):
+    assert kto_class_weights(*counts) == pytest.approx(weights)
+
+
+def test_every_kto_loss_type_has_a_hand_test():
+    tested = {name[len("test_kto_") :] for name in globals() if name.startswith("test_kto_")}
+    untested = [n for n in KTO_LOSSES if not any(t == n or t.startswith(n + "_") for t in tested)]
+    assert not untested, f"KTO loss types without a hand-worked test: {untested}"

@@ -14,11 +14,11 @@ import datasets
 from zephyr.data.mixing import load_mixture
 from zephyr.data.rejects import Rejects
 from zephyr.data.templates import apply_chat_template_setting, with_empty_system_messages
-from zephyr.data.tokenize import tokenize_preferences, tokenize_sft
+from zephyr.data.tokenize import tokenize_preferences, tokenize_sft, tokenize_unpaired
 from zephyr.errors import DataError
 from zephyr.models import load_tokenizer
 
-KIND = {"sft": "sft", "dpo": "preference"}
+KIND = {"sft": "sft", "dpo": "preference", "kto": "unpaired"}
 
 
 @dataclass
@@ -116,6 +116,8 @@ def tokenize_split(ds: datasets.Dataset, cfg, *, stage: str, tokenizer, rejects:
             rejects=rejects,
             num_proc=num_proc,
         )
+    if stage == "kto":
+        return tokenize_unpaired(ds, tokenizer, max_length=cfg.max_length, rejects=rejects, num_proc=num_proc)
     return tokenize_preferences(
         ds,
         tokenizer,

@@ -7,6 +7,9 @@ Internal forms (what tokenization and training see):
     preference: {"prompt": [... ending with a user turn], "chosen": [assistant turn(s)], "rejected": [...],
                  "score_chosen": float | None, "score_rejected": float | None}
                 TRL's conversational preference format; a completion starts and ends with an assistant turn.
+    unpaired:   {"prompt": [...], "completion": [assistant turn(s)], "label": bool}
+                TRL's unpaired preference format (KTO); `label` is true for a desirable completion. Preference
+                pairs read as this kind are unpaired as TRL's `unpair_preference_dataset` does.
 
 Every adapted row also carries `"_origin": "FILE:ROW"` (ROW 1-based) so that later stages, tokenization and
 length checks, can name the row they refuse. Drop the column before handing rows to code that does not expect it.
@@ -33,7 +36,9 @@ from zephyr.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import datasets
 
-KINDS = ("sft", "preference")
+KINDS = ("sft", "preference", "unpaired")
+# Kinds a stage's kind also reads: KTO's unpaired rows, or preference pairs it unpairs (`unpair`).
+_ALSO_READS = {"unpaired": ("preference",)}
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
@@ -272,6 +277,35 @@ def _adapt_ultrafeedback_binarized(row: dict, rng: random.Random) -> dict:
     return _pair(chosen[:-1], chosen[-1:], rejected[-1:], row, scored=True)
 
 
+def _adapt_unpaired(row: dict, rng: random.Random) -> dict:
+    """prompt/completion/label (KTO's data), as strings or message lists; label a boolean, true for desirable."""
+    prompt, completion, label = _field(row, "prompt"), _field(row, "completion"), row.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"expected true or false (desirable?), got {label!r}", field="label")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": _text(prompt, "prompt")}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": _text(completion, "completion")}]
+    prompt, completion = _conversation(prompt, "prompt"), _conversation(completion, "completion")
+    _check_turns(prompt, "prompt", first="user", last="user")
+    _check_turns(completion, "completion", first="assistant", last="assistant")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def unpair(rows: list[dict], block: int = 1000) -> list[dict]:
+    """Preference rows -> unpaired rows, as TRL's `unpair_preference_dataset` (a batched `map` of 1000 rows): per
+    block of BLOCK pairs, each pair's chosen completion labelled true, then each pair's rejected labelled false."""
+    out = []
+    for start in range(0, len(rows), block):
+        pairs = rows[start : start + block]
+        for side, label in (("chosen", True), ("rejected", False)):
+            out += [
+                {"prompt": r["prompt"], "completion": r[side], "label": label, "_origin": r.get("_origin")}
+                for r in pairs
+            ]
+    return out
+
+
 class RecipeSkip(DataError):
     """A row the published recipe itself leaves out (raw UltraFeedback rows with fewer than two distinct
     completions): set aside in the rejects list even without --skip-invalid, as `zephyr data binarize` does."""
@@ -301,6 +335,7 @@ SCHEMAS: dict[str, Schema] = {
         ),
         Schema("ultrafeedback", "preference", ("instruction", "completions"), _adapt_ultrafeedback),
         Schema("preference", "preference", ("chosen", "rejected"), _adapt_preference),
+        Schema("unpaired", "unpaired", ("prompt", "completion", "label"), _adapt_unpaired),
         Schema("ultrachat_200k", "sft", ("prompt", "prompt_id", "messages"), _adapt_messages),
         Schema("ultrachat", "sft", ("data",), _adapt_ultrachat),
         Schema("messages", "sft", ("messages",), _adapt_messages),
@@ -319,18 +354,21 @@ def detect_schema(columns: Iterable[str], *, kind: str | None = None) -> str:
     _check_kind(kind)
     present = set(columns)
     for schema in SCHEMAS.values():
-        if (kind is None or schema.kind == kind) and present.issuperset(schema.columns):
+        if _reads(kind, schema.kind) and present.issuperset(schema.columns):
             return schema.name
     known = "; ".join(
-        f"{s.name} ({s.kind}): {', '.join(s.columns)}"
-        for s in SCHEMAS.values()
-        if kind is None or s.kind == kind
+        f"{s.name} ({s.kind}): {', '.join(s.columns)}" for s in SCHEMAS.values() if _reads(kind, s.kind)
     )
     wanted = f"{kind} " if kind else ""
     raise DataError(
         f"no {wanted}schema matches the columns {', '.join(sorted(present)) or '(none)'}; known schemas: {known}. "
         "Rename the columns or pass --schema"
     )
+
+
+def _reads(kind: str | None, schema_kind: str) -> bool:
+    """Whether a stage that needs KIND rows (None: any) reads rows of SCHEMA_KIND."""
+    return kind is None or schema_kind == kind or schema_kind in _ALSO_READS.get(kind, ())
 
 
 def _schema(name: str, kind: str | None) -> Schema:
@@ -340,7 +378,7 @@ def _schema(name: str, kind: str | None) -> Schema:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown schema '{name}'{hint}; known schemas: auto, {', '.join(SCHEMAS)}")
     schema = SCHEMAS[name]
-    if kind is not None and schema.kind != kind:
+    if not _reads(kind, schema.kind):
         raise ConfigError(f"schema '{name}' gives {schema.kind} rows but this stage needs {kind} rows")
     return schema
 
@@ -397,6 +435,10 @@ def _features(kind: str) -> datasets.Features:
     messages = List({"role": Value("string"), "content": Value("string")})
     if kind == "sft":
         return Features({"messages": messages, "_origin": Value("string")})
+    if kind == "unpaired":
+        return Features(
+            {"prompt": messages, "completion": messages, "label": Value("bool"), "_origin": Value("string")}
+        )
     return Features(
         {
             "prompt": messages,
@@ -450,7 +492,10 @@ def load_split(
         refused = len(rejects) - refused_before
         why = f"all {refused} rows were refused as invalid" if refused else "it is empty"
         raise DataError(f"split '{split}' has no usable rows: {why}", file=source)
-    features = _features("sft" if "messages" in rows[0] else "preference")
+    if kind == "unpaired" and "chosen" in rows[0]:
+        rows = unpair(rows)
+    form = "sft" if "messages" in rows[0] else "unpaired" if "completion" in rows[0] else "preference"
+    features = _features(form)
     # Straight to Arrow: `Dataset.from_list` re-encodes every row in Python, about 1.5x slower on 50k dialogues.
     table = pa.Table.from_pylist(rows, schema=features.arrow_schema)
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))

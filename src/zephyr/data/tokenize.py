@@ -162,6 +162,53 @@ def preference_sequence(
     return input_ids, completion_mask
 
 
+def tokenize_unpaired(
+    ds: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int | None,
+    rejects: Rejects,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """Unpaired rows `{prompt, completion, label}` (KTO) -> `{prompt_input_ids: [P], completion_input_ids: [C],
+    label}`, as TRL 1.16's `KTOTrainer._prepare_dataset`: prompt_ids = chat(prompt, add_generation_prompt=True), the
+    completion what chat(prompt + completion) adds after their common prefix. `max_length` cuts prompt +
+    completion at collation keeping the start (TRL's KTO collator); a prompt that fills it is refused (TRL drops it)."""
+    _check_lengths(max_length=max_length)
+    resolve_chat_template("auto", tokenizer)
+    settings = {"max_length": max_length}
+    row = _tokenize_unpaired_row
+    return _cached_tokenization(
+        "unpaired", ds, tokenizer, settings, row, _UNPAIRED_COLUMNS, rejects, num_proc, cache_dir
+    )
+
+
+def _tokenize_unpaired_row(row: dict, tokenizer, settings: dict) -> dict:
+    try:
+        prompt_ids = chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        prompt_completion_ids = chat_ids(tokenizer, row["prompt"] + row["completion"])
+    except _template_errors() as e:
+        return _refused(f"the chat template cannot render this conversation: {e}", None, _UNPAIRED_COLUMNS)
+    prompt_len = common_prefix_length(prompt_ids, prompt_completion_ids)
+    max_length = settings["max_length"]
+    if max_length is not None and prompt_len >= max_length:
+        return _refused(
+            f"the prompt is {prompt_len} tokens, leaving no room for a response within max_length={max_length}; "
+            "raise max_length or shorten the prompt",
+            "prompt",
+            _UNPAIRED_COLUMNS,
+        )
+    return {
+        "prompt_input_ids": prompt_ids[:prompt_len],
+        "completion_input_ids": prompt_completion_ids[prompt_len:],
+        **_NO_ERROR,
+    }
+
+
+_UNPAIRED_COLUMNS = ("prompt_input_ids", "completion_input_ids")
+
+
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     """How many leading tokens IDS and OTHER_IDS share."""
     length = 0
@@ -426,12 +473,13 @@ def _tokenize(
     # reason string that comes later (or in another worker's shard).
     features = datasets.Features({name: datasets.List(datasets.Value("int32")) for name in columns})
     features.update({"_error": datasets.Value("string"), "_error_field": datasets.Value("string")})
-    if "_origin" in ds.column_names:
-        features["_origin"] = ds.features["_origin"]
+    kept_columns = [c for c in ("_origin", "label") if c in ds.column_names]  # label: KTO's desirability
+    for name in kept_columns:
+        features[name] = ds.features[name]
     tokenized = ds.map(
         tokenize_row,
         fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-        remove_columns=[c for c in ds.column_names if c != "_origin"],
+        remove_columns=[c for c in ds.column_names if c not in kept_columns],
         features=features,
         num_proc=num_proc,
         desc=f"Tokenizing {kind}",

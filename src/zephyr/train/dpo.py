@@ -160,20 +160,8 @@ class DPORecipe:
 
     def load_reference(self) -> torch.nn.Module:
         """The frozen reference model, with the policy's completion head and attention, sharded like the policy."""
-        cfg = self.cfg
-        with whole_weights_on_every_process():
-            ref_model = load_model(
-                self.ref_name,
-                dtype=cfg.dtype,
-                revision=cfg.model_revision,
-                trust_remote_code=cfg.trust_remote_code,
-                attn_implementation=cfg.attn_implementation,
-            )
-        ref_model.eval().requires_grad_(False)
-        attach_completion_head(ref_model)
-        if isinstance(self.collate, SharedPrefixCollator):
-            pair_attention.enable(ref_model)
-        return shard_reference(ref_model, self.accelerator)
+        packed = isinstance(self.collate, SharedPrefixCollator)
+        return load_reference_model(self.cfg, self.ref_name, self.accelerator, packed=packed)
 
     def precompute_reference_logps(self) -> None:
         """Reference log-probs as columns of the pairs, from one cached pass; the reference model then leaves
@@ -271,6 +259,24 @@ class DPORecipe:
     def save(self, result: TrainResult) -> TrainResult:
         extra = {"reference_model": self.ref_name}
         return finish(self.accelerator, result, self.tokenizer, self.cfg, extra=extra, on_saved=self.on_saved)
+
+
+def load_reference_model(cfg, ref_name: str, accelerator, *, packed: bool = False) -> torch.nn.Module:
+    """REF_NAME frozen, with the completion head (and with PACKED the pair attention) the policy has, sharded like
+    the policy (`zephyr dpo`, `zephyr kto`)."""
+    with whole_weights_on_every_process():
+        ref_model = load_model(
+            ref_name,
+            dtype=cfg.dtype,
+            revision=cfg.model_revision,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    ref_model.eval().requires_grad_(False)
+    attach_completion_head(ref_model)
+    if packed:
+        pair_attention.enable(ref_model)
+    return shard_reference(ref_model, accelerator)
 
 
 # ---------------------------------------------------------------------------------------------- batch layout

@@ -556,3 +556,255 @@ def preference_metrics(
         "logps/chosen": mean(chosen_logps),
         "logps/rejected": mean(rejected_logps),
     }
+
+
+# ---------------------------------------------------------------------------------------------- reference-free (CPO)
+# TRL 1.16's CPOTrainer losses (`zephyr cpo`, `zephyr simpo`): no reference model, so each is a function of the
+# policy's own margin m = chosen_logps - rejected_logps, where the log-probs are sums over completion tokens, or for
+# the length-normalised losses means (TRL's `average_log_prob`). The implicit rewards are beta x those log-probs.
+
+
+class CPOLossOutput(NamedTuple):
+    """losses: [batch] the preference term per pair (`losses.mean()` is TRL's, before `cpo_alpha` x NLL).
+    chosen_rewards / rejected_rewards: [batch] beta * chosen_logps / beta * rejected_logps, detached.
+    chosen_logps / rejected_logps: [batch] the log-probs the loss compared (means for length-normalised losses).
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+
+
+class CPOLossRules(NamedTuple):
+    """length_normalised: compares mean rather than summed completion log-probs.
+    label_smoothing: uses label_smoothing (the others would ignore it, so the loader refuses it for them)."""
+
+    length_normalised: bool = False
+    label_smoothing: bool = False
+
+
+CPO_LOSSES: dict[str, Loss] = {}
+CPO_LOSS_RULES: dict[str, CPOLossRules] = {}
+
+
+def register_cpo(name: str, **rules: bool) -> Callable[[Loss], Loss]:
+    """Add a reference-free loss to `CPO_LOSSES` under its TRL `loss_type` name; called as
+    `fn(margin, beta=, label_smoothing=, simpo_gamma=)` with margin: [batch]."""
+
+    def add(fn: Loss) -> Loss:
+        CPO_LOSSES[name] = fn
+        CPO_LOSS_RULES[name] = CPOLossRules(**rules)
+        return fn
+
+    return add
+
+
+@register_cpo("sigmoid", label_smoothing=True)
+def cpo_sigmoid(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, **_) -> Tensor:
+    """CPO: Xu et al. 2024, arXiv:2401.08417, Eq. 3 (L_prefer, DPO with the reference dropped): -log σ(β m).
+
+    With label_smoothing ε > 0, the conservative (cDPO) form, as TRL.
+    """
+    return _smoothed_logistic(beta * margin, label_smoothing)
+
+
+@register_cpo("hinge")
+def cpo_hinge(margin: Tensor, *, beta: float, **_) -> Tensor:
+    """SLiC's calibration hinge (Zhao et al. 2023, arXiv:2305.10425) on the policy margin: max(0, 1 - β m)."""
+    return torch.relu(1 - beta * margin)
+
+
+@register_cpo("ipo", length_normalised=True)
+def cpo_ipo(margin: Tensor, *, beta: float, **_) -> Tensor:
+    """IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17) on the policy's mean-log-prob margin: (m̄ - 1 / 2β)²."""
+    return (margin - 1 / (2 * beta)) ** 2
+
+
+@register_cpo("simpo", length_normalised=True, label_smoothing=True)
+def simpo(margin: Tensor, *, beta: float, simpo_gamma: float, label_smoothing: float = 0.0, **_) -> Tensor:
+    """SimPO: Meng et al. 2024, arXiv:2405.14734, Eq. 6: -log σ(β m̄ - γ), m̄ the margin of mean log-probs and
+    γ = simpo_gamma the target reward margin; label-smoothed as TRL.
+
+    Written β (m̄ - γ/β), TRL's order of operations, so that float rounding matches it.
+    """
+    return _smoothed_logistic(beta * (margin - simpo_gamma / beta), label_smoothing)
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_token_counts: Tensor,
+    rejected_token_counts: Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> CPOLossOutput:
+    """Per-pair reference-free preference loss and rewards, as TRL 1.16's `CPOTrainer.cpo_loss`; all tensors [batch].
+
+    chosen_logps / rejected_logps: Σ completion log-probs; divided by the token counts first for `ipo` and `simpo`.
+    """
+    if CPO_LOSS_RULES[loss_type].length_normalised:
+        chosen_logps = chosen_logps / chosen_token_counts.clamp(min=1)
+        rejected_logps = rejected_logps / rejected_token_counts.clamp(min=1)
+    losses = CPO_LOSSES[loss_type](
+        chosen_logps - rejected_logps, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma
+    )
+    return CPOLossOutput(
+        losses=losses,
+        chosen_rewards=beta * chosen_logps.detach(),
+        rejected_rewards=beta * rejected_logps.detach(),
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+    )
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_token_counts: Tensor) -> Tensor:
+    """[] CPO's behaviour-cloning term (Xu et al. 2024, arXiv:2401.08417, Eq. 4, L_NLL): the cross-entropy of the
+    chosen completions per token over the micro-batch, -Σ chosen_logps / Σ tokens (TRL's `nll_loss`).
+
+    chosen_logps: [batch] Σ completion log-probs; chosen_token_counts: [batch].
+    """
+    return -chosen_logps.sum() / chosen_token_counts.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------- unpaired (KTO)
+# KTO (Ethayarajh et al. 2024, arXiv:2402.01306), as TRL 1.16's KTOTrainer (`zephyr kto`): each example is one
+# completion labelled desirable or undesirable, scored against a reference point z0, the policy's KL from the
+# reference estimated on mismatched (prompt, completion) pairs of the same batch.
+
+
+class KTOLossOutput(NamedTuple):
+    """losses:           [n_chosen + n_rejected] weighted losses, desirable rows first (TRL's `losses`; the step's
+                      loss is their mean).
+    chosen_rewards:   [n_chosen] β (log π - log π_ref) of the desirable rows, detached.
+    rejected_rewards: [n_rejected] the same for the undesirable rows.
+    kl:               [] the reference point z0 the losses used, detached.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    kl: Tensor
+
+
+KTO_LOSSES = ("kto", "apo_zero_unpaired")  # TRL's KTOConfig loss_type choices
+
+
+def kto_kl(
+    kl_logps: Tensor, ref_kl_logps: Tensor, *, gather: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """[] z0 = max(0, E[log π(y'|x) - log π_ref(y'|x)]) over the batch's mismatched pairs (x, y'), KTO's Eq. 7
+    reference point, as TRL: the mean per process, averaged over processes, clamped at 0, no gradient.
+
+    kl_logps / ref_kl_logps: [batch] Σ completion log-probs of the mismatched pairs under the policy / reference.
+    """
+    kl = (kl_logps - ref_kl_logps).mean().detach()
+    if gather is not None:
+        kl = gather(kl.reshape(1)).mean()
+    return kl.clamp(min=0)
+
+
+def kto_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    kl: Tensor,
+    *,
+    loss_type: str = "kto",
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLossOutput:
+    """KTO's per-example losses, as TRL 1.16's `KTOTrainer._compute_loss`.
+
+    chosen_logratios:   [n_chosen] log π(y|x) - log π_ref(y|x) of the desirable rows (Σ over completion tokens).
+    rejected_logratios: [n_rejected] the same for the undesirable rows; kl: [] z0 (`kto_kl`).
+    `kto` (Eq. 7, λ_D = desirable_weight, λ_U = undesirable_weight; TRL drops the paper's constant λ_y):
+        desirable:   λ_D (1 - σ(β (r - z0)))      undesirable: λ_U (1 - σ(β (z0 - r)))
+    `apo_zero_unpaired` (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7 unpaired, no z0):
+        desirable:   λ_D (1 - σ(β r))             undesirable: λ_U σ(β r)
+    """
+    if loss_type == "kto":
+        chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
+        rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
+    elif loss_type == "apo_zero_unpaired":
+        chosen_losses = 1 - torch.sigmoid(beta * chosen_logratios)
+        rejected_losses = torch.sigmoid(beta * rejected_logratios)
+    else:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; choose from {', '.join(KTO_LOSSES)}")
+    return KTOLossOutput(
+        losses=torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses)),
+        chosen_rewards=beta * chosen_logratios.detach(),
+        rejected_rewards=beta * rejected_logratios.detach(),
+        kl=kl.detach(),
+    )
+
+
+def kto_class_weights(num_desirable: int, num_undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) that put λ_D n_D / (λ_U n_U) in [1, 4/3], KTO's recommended range
+    (arXiv:2402.01306, Eq. 8; TRL's KTOTrainer warns outside it): 1 and 1 when the counts already fall in it,
+    otherwise the minority class is up-weighted to the nearer end of the range and the majority keeps 1."""
+    ratio = num_desirable / num_undesirable
+    if ratio < 1:
+        return num_undesirable / num_desirable, 1.0
+    if ratio > 4 / 3:
+        return 1.0, num_desirable / (num_undesirable * 4 / 3)
+    return 1.0, 1.0
+
+
+# ---------------------------------------------------------------------------------------------- odds ratio (ORPO)
+# ORPO (Hong, Lee and Thorne 2024, arXiv:2403.07691), as TRL 1.16's ORPOTrainer (`zephyr orpo`): no reference model
+# and no separate SFT stage; the loss is the NLL of the chosen sequences plus λ (TRL's `beta`) times the odds-ratio
+# term below. The odds are of the length-averaged completion log-probs, P = exp(mean log p), as TRL computes them.
+
+
+class ORPOLossOutput(NamedTuple):
+    """losses:           [batch] L_OR = -log σ(log odds ratio) per pair (the loss adds λ x their mean).
+    chosen_rewards / rejected_rewards: [batch] λ x the mean log-probs, detached (TRL's `rewards/*`).
+    log_odds:         [batch] log odds(chosen) - log odds(rejected), detached (TRL's `log_odds_chosen` is its mean).
+    log_odds_ratio:   [batch] log σ(log_odds), detached (TRL's `log_odds_ratio` is its mean).
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    log_odds: Tensor
+    log_odds_ratio: Tensor
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, elementwise; branched at -ln 2 to avoid cancellation (Mächler 2012, "Accurately
+    Computing log(1 - exp(-|a|))"), as TRL."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def log_odds(mean_logps: Tensor) -> Tensor:
+    """log odds(y|x) = log P - log(1 - P) with P = exp(mean_logps) (Hong et al. 2024, Eq. 4); [batch] -> [batch]."""
+    return mean_logps - log1mexp(mean_logps)
+
+
+def odds_ratio_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, *, beta: float) -> ORPOLossOutput:
+    """ORPO's odds-ratio term (Hong et al. 2024, Eqs. 6-7): L_OR = -log σ(log odds(y_w|x) - log odds(y_l|x)).
+
+    chosen_mean_logps / rejected_mean_logps: [batch] completion log-probs averaged over their tokens, in float32.
+    The rewards, as TRL's, are beta x those means.
+    """
+    chosen, rejected = chosen_mean_logps.float(), rejected_mean_logps.float()
+    ratio = log_odds(chosen) - log_odds(rejected)
+    log_sigmoid = F.logsigmoid(ratio)
+    return ORPOLossOutput(
+        losses=-log_sigmoid,
+        chosen_rewards=beta * chosen.detach(),
+        rejected_rewards=beta * rejected.detach(),
+        log_odds=ratio.detach(),
+        log_odds_ratio=log_sigmoid.detach(),
+    )
+
+
+def orpo_loss(nll: Tensor, odds_ratio_losses: Tensor, *, beta: float) -> Tensor:
+    """[] ORPO's objective (Hong et al. 2024, Eq. 6): L_SFT + λ L_OR, with nll: [] the chosen sequences' NLL
+    (`chosen_nll`) and odds_ratio_losses: [batch] (`odds_ratio_loss(...).losses`), λ = beta."""
+    return nll + beta * odds_ratio_losses.mean()

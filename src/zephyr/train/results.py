@@ -21,12 +21,32 @@ DPO_COLUMNS = [
     ("Logits/chosen", None, "eval_logits/chosen"),
 ]
 SFT_COLUMNS = DPO_COLUMNS[:4]
+# KTO logs no rewards/accuracies (its rows are unpaired) but logs kl, the reference point of its loss.
+KTO_COLUMNS = [
+    *SFT_COLUMNS,
+    ("Rewards/chosen", None, "eval_rewards/chosen"),
+    ("Rewards/rejected", None, "eval_rewards/rejected"),
+    ("Rewards/margins", None, "eval_rewards/margins"),
+    ("KL", None, "eval_kl"),
+    ("Logps/rejected", None, "eval_logps/rejected"),
+    ("Logps/chosen", None, "eval_logps/chosen"),
+    ("Logits/rejected", None, "eval_logits/rejected"),
+    ("Logits/chosen", None, "eval_logits/chosen"),
+]
+PREFERENCE_STAGES = ("dpo", "cpo", "simpo", "orpo")  # stages that log TRL's rewards/*, logps/* and logits/*
+
+
+def stage_columns(stage: str) -> list[tuple[str, str | None, str | None]]:
+    """The results table's columns for STAGE's metrics."""
+    if stage == "kto":
+        return KTO_COLUMNS
+    return DPO_COLUMNS if stage in PREFERENCE_STAGES else SFT_COLUMNS
 
 
 def results_rows(log_history: list[dict], stage: str) -> list[list[str]]:
     """One row per evaluation, as the card's table: the latest training loss before it, then the eval metrics.
     Without any evaluation, one row per logged training step (eval columns empty)."""
-    columns = DPO_COLUMNS if stage == "dpo" else SFT_COLUMNS
+    columns = stage_columns(stage)
     train = [r for r in log_history if "loss" in r]
     evals = [r for r in log_history if "eval_loss" in r]
     rows = []
@@ -59,7 +79,7 @@ def _cell(value) -> str:
 
 
 def results_table(log_history: list[dict], stage: str) -> str:
-    columns = DPO_COLUMNS if stage == "dpo" else SFT_COLUMNS
+    columns = stage_columns(stage)
     head = "| " + " | ".join(c[0] for c in columns) + " |"
     rule = "|" + "|".join(":---:" for _ in columns) + "|"
     body = ["| " + " | ".join(row) + " |" for row in results_rows(log_history, stage)]
@@ -74,14 +94,14 @@ def plot_training(log_history: list[dict], stage: str, path: Path) -> Path:
 
     train = [r for r in log_history if "loss" in r]
     evals = [r for r in log_history if "eval_loss" in r]
-    panels = 2 if stage == "dpo" else 1
+    panels = 2 if stage in (*PREFERENCE_STAGES, "kto") else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_title(f"{stage.upper()} loss")
-    if stage == "dpo":
+    if stage in PREFERENCE_STAGES:
         ax2 = axes[0][1]
         for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
             ax2.plot([r["step"] for r in train], [r[key] for r in train], label=f"train {label}")
@@ -89,7 +109,16 @@ def plot_training(log_history: list[dict], stage: str, path: Path) -> Path:
                 ax2.plot(
                     [r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o-", label=f"eval {label}"
                 )
-        ax2.set_title("DPO rewards")
+        ax2.set_title(f"{stage.upper()} rewards")
+    if stage == "kto":  # rewards of each class, logged only for steps whose batch held that class, and the KL
+        ax2 = axes[0][1]
+        for key in ("rewards/chosen", "rewards/rejected", "kl"):
+            for prefix, rows, style in (("", train, "-"), ("eval_", evals, "o-")):
+                logged = [r for r in rows if prefix + key in r]
+                if logged:
+                    steps, values = [r["step"] for r in logged], [r[prefix + key] for r in logged]
+                    ax2.plot(steps, values, style, label=prefix + key)
+        ax2.set_title("KTO rewards and KL")
     for a in axes[0]:
         a.set_xlabel("step")
         a.grid(alpha=0.3)
