@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def accelerate_launch(
-    launcher_args: list[str], zephyr_args: list[str], *, port: int
-) -> subprocess.CompletedProcess:
-    """`accelerate launch LAUNCHER_ARGS --main_process_port PORT -m zephyr ZEPHYR_ARGS` from the repository root,
-    one thread a process; asserts that it succeeded, showing what it printed when not."""
+def free_port() -> int:
+    """A TCP port nothing listens on now. Launches must not share one: the rendezvous, and DeepSpeed's shared-memory
+    all-reduce buffers (named after MASTER_PORT), would collide with another run's, e.g. a second test session's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(launcher_args: list[str], zephyr_args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch LAUNCHER_ARGS --main_process_port PORT -m zephyr ZEPHYR_ARGS` from the repository root, on
+    a free port, one thread a process; asserts that it succeeded, showing what it printed when not."""
+    port = free_port()
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     command = [
         accelerate,

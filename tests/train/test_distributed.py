@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -62,7 +64,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         [
             torchrun,
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={free_port()}",
             "-m",
             "zephyr",
             *_args(tiny_model_dir, data, tmp_path / "two", 2),
@@ -122,7 +124,7 @@ def test_accelerate_launch_sft_on_two_cpu_processes_matches_one_and_says_what_it
     config = tmp_path / "fsdp.yaml"
     config.write_text(
         "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
-        "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmain_process_port: 29541\n"
+        f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmain_process_port: {free_port()}\n"
     )
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run(

@@ -27,7 +27,6 @@ LAUNCH_CONFIGS = {
 DPO_METRICS = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                "logits/chosen", "entropy", "num_tokens")  # fmt: skip
 SFT_METRICS = ("loss", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens")
-_ports = iter(range(29611, 29700))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +40,7 @@ def cache(tmp_path_factory):
 def launch(config: str, args: list[str], *, processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file recipes/accelerate/CONFIG.yaml -m zephyr ARGS` on PROCESSES CPU processes."""
     launcher = ["--config_file", str(LAUNCH_CONFIGS[config]), "--num_processes", str(processes)]
-    return accelerate_launch(launcher, args, port=next(_ports))
+    return accelerate_launch(launcher, args)
 
 
 def one_process(args: list[str]) -> None:
