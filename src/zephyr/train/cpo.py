@@ -23,7 +23,6 @@ padding positions to average over, so with prefix sharing those two metrics are 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from zephyr.data.prepare import load_recipe_tokenizer, prepare
 from zephyr.errors import ConfigError
 from zephyr.train.collate import count_tokens
 from zephyr.train.dpo import PairLogps, model_inputs, preference_collator
@@ -39,7 +37,7 @@ from zephyr.train.fused_head import attach_completion_head
 from zephyr.train.loop import StepOutput, TrainResult, evaluate, train
 from zephyr.train.objectives import CPO_LOSSES, CPOLossOutput, chosen_nll, cpo_loss
 from zephyr.train.save import finish
-from zephyr.train.setup import claim_output_dir, load_policy, make_accelerator, wrap_lora
+from zephyr.train.setup import load_policy, start_stage, wrap_lora
 from zephyr.train.shared_prefix import SharedPrefixCollator
 
 
@@ -80,16 +78,9 @@ class CPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.accelerator = accelerator = make_accelerator(cfg)
-        self.tokenizer = load_recipe_tokenizer(cfg)
-        claim_output_dir(accelerator, cfg)
-        with accelerator.main_process_first():  # rank 0 tokenizes, the others read its cache
-            # The preference pipeline is DPO's ("dpo" names it there); the rows and their cache are the same.
-            self.data = dataclasses.replace(
-                prepare(cfg, stage="dpo", tokenizer=self.tokenizer), stage=cfg.stage
-            )
-        if accelerator.is_main_process:
-            print(self.data.summary())
+        # The preference pipeline is DPO's ("dpo" names it there); the rows and their cache are the same.
+        self.accelerator, self.tokenizer, self.data = start_stage(cfg, data_stage="dpo")
+        accelerator = self.accelerator
         self.train_pairs, self.test_pairs = self.data.train, self.data.test
 
         self.policy = load_policy(cfg, self.tokenizer)

@@ -31,7 +31,6 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from zephyr.data.prepare import load_recipe_tokenizer, prepare
 from zephyr.data.tokenize import IGNORE_INDEX
 from zephyr.errors import ConfigError
 from zephyr.fetch import zephyr_cache_dir
@@ -50,7 +49,7 @@ from zephyr.train.objectives import (
     wpo_weights,
 )
 from zephyr.train.save import finish
-from zephyr.train.setup import claim_output_dir, load_policy, make_accelerator, wrap_lora
+from zephyr.train.setup import load_policy, start_stage, wrap_lora
 from zephyr.train.shared_prefix import (
     SUPPORTED_ATTENTION,
     SharedPrefixCollator,
@@ -129,13 +128,8 @@ class DPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.accelerator = accelerator = make_accelerator(cfg)
-        self.tokenizer = load_recipe_tokenizer(cfg)
-        claim_output_dir(accelerator, cfg)
-        with accelerator.main_process_first():  # rank 0 tokenizes, the others read its cache
-            self.data = prepare(cfg, stage="dpo", tokenizer=self.tokenizer)
-        if accelerator.is_main_process:
-            print(self.data.summary())
+        self.accelerator, self.tokenizer, self.data = start_stage(cfg, data_stage="dpo")
+        accelerator = self.accelerator
         self.train_pairs, self.test_pairs = self.data.train, self.data.test
 
         self.policy = load_policy(cfg, self.tokenizer)

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from zephyr.data.prepare import load_recipe_tokenizer, prepare
 from zephyr.data.tokenize import preference_sequence
 from zephyr.errors import DataError
 from zephyr.train.collate import count_tokens
@@ -42,7 +41,7 @@ from zephyr.train.fused_head import SequenceLogps, attach_completion_head
 from zephyr.train.loop import StepOutput, TrainResult, evaluate, train
 from zephyr.train.objectives import KTOLossOutput, kto_class_weights, kto_kl, kto_loss
 from zephyr.train.save import finish
-from zephyr.train.setup import claim_output_dir, load_policy, make_accelerator, wrap_lora
+from zephyr.train.setup import load_policy, start_stage, wrap_lora
 
 
 def run_kto(cfg, *, progress: bool = True, on_saved: Callable[[Path], None] | None = None) -> TrainResult:
@@ -88,13 +87,8 @@ class KTORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.accelerator = accelerator = make_accelerator(cfg)
-        self.tokenizer = load_recipe_tokenizer(cfg)
-        claim_output_dir(accelerator, cfg)
-        with accelerator.main_process_first():  # rank 0 tokenizes, the others read its cache
-            self.data = prepare(cfg, stage="kto", tokenizer=self.tokenizer)
-        if accelerator.is_main_process:
-            print(self.data.summary())
+        self.accelerator, self.tokenizer, self.data = start_stage(cfg, data_stage="kto")
+        accelerator = self.accelerator
         self.train_rows, self.test_rows = self.data.train, self.data.test
         cfg.desirable_weight, cfg.undesirable_weight, note = class_weights(cfg, self.train_rows["label"])
         accelerator.print(note)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from zephyr.data.prepare import Prepared, load_recipe_tokenizer, prepare
 from zephyr.errors import ConfigError
 from zephyr.models import check_vocabulary, load_model
 from zephyr.train import run_folder
@@ -139,6 +140,20 @@ def unused_key_notes(cfg) -> list[str]:
             f"(to {hub_repo_id(cfg)}); checkpoints stay local"
         )
     return lines
+
+
+def start_stage(cfg, *, data_stage: str) -> tuple[object, object, Prepared]:
+    """What every training stage does first: (accelerator, tokenizer, data). The accelerator is made, the output
+    folder claimed, and the recipe's data tokenized by DATA_STAGE's pipeline ("sft", "dpo" for pairs, "kto") -- on
+    the main process first, the others reading its cache -- and summarised under the stage's own name."""
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_recipe_tokenizer(cfg)
+    claim_output_dir(accelerator, cfg)
+    with accelerator.main_process_first():
+        data = dataclasses.replace(prepare(cfg, stage=data_stage, tokenizer=tokenizer), stage=cfg.stage)
+    if accelerator.is_main_process:
+        print(data.summary())
+    return accelerator, tokenizer, data
 
 
 def claim_output_dir(accelerator, cfg) -> None:

@@ -19,13 +19,12 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from zephyr.data.prepare import load_recipe_tokenizer, prepare
 from zephyr.errors import ConfigError
 from zephyr.train.collate import PackedSFTCollator, SFTCollator, count_tokens, pack_examples
 from zephyr.train.fused_head import SequenceLogps, attach_completion_head
 from zephyr.train.loop import StepOutput, TrainResult, evaluate, train
 from zephyr.train.save import finish
-from zephyr.train.setup import claim_output_dir, load_policy, make_accelerator, wrap_lora
+from zephyr.train.setup import load_policy, start_stage, wrap_lora
 
 
 def run_sft(cfg, *, progress: bool = True, on_saved: Callable[[Path], None] | None = None) -> TrainResult:
@@ -62,13 +61,7 @@ class SFTRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.accelerator = accelerator = make_accelerator(cfg)
-        self.tokenizer = load_recipe_tokenizer(cfg)
-        claim_output_dir(accelerator, cfg)
-        with accelerator.main_process_first():
-            self.data = prepare(cfg, stage="sft", tokenizer=self.tokenizer)
-        if accelerator.is_main_process:
-            print(self.data.summary())
+        self.accelerator, self.tokenizer, self.data = start_stage(cfg, data_stage="sft")
         self.train_rows, self.collate = self.data.train, SFTCollator(pad_token_id=self.tokenizer.pad_token_id)
         if cfg.packing:
             self.pack()
